@@ -1,0 +1,206 @@
+"""The Scorer: media in, one result row per input out.
+
+    inputs -> decode + preprocess (threads, ahead of the model) -> batches -> backend level logits
+           -> close-set softmax -> score in [1, 5] (and [0, 1]) -> ScoreRow, in input order
+
+A bad input becomes a row with an error; the other inputs go on. All items of an image batch
+share one prompt and one length, so no padding exists and a batch of 16 gives the scores of 16
+batches of 1 (float32).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .levels import LEVELS, logits_to_scores
+from .media.image import DEFAULT_MAX_PIXELS, MediaError, load_image
+from .models.base import Backend
+
+PROB_FIELDS = tuple(f"p_{word}" for word in LEVELS)
+ROW_FIELDS = ("path", "score_1_5", "score_0_1", *PROB_FIELDS, "error")
+
+
+@dataclass
+class ScoreRow:
+    """One input's result. ``score`` is on [1, 5] (bad = 1 ... excellent = 5)."""
+
+    path: str
+    score: float | None = None
+    probs: tuple[float, ...] | None = None  # bad, poor, fair, good, excellent
+    error: str = ""
+    kind: str = "image"
+    frames: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def score_0_1(self) -> float | None:
+        return None if self.score is None else (self.score - 1.0) / 4.0
+
+    @property
+    def level(self) -> str | None:
+        """The most probable level word."""
+        return None if self.probs is None else LEVELS[int(np.argmax(self.probs))]
+
+    def as_dict(self) -> dict:
+        row = {"path": self.path, "score_1_5": self.score, "score_0_1": self.score_0_1}
+        row.update(zip(PROB_FIELDS, self.probs if self.probs is not None else [None] * len(LEVELS)))
+        row["error"] = self.error
+        return row
+
+
+@dataclass
+class _Prepared:
+    name: str
+    pixels: object = None  # tensor [F, C, H, W]
+    error: str = ""
+    kind: str = "image"
+    warnings: list[str] = field(default_factory=list)
+
+
+def input_name(item, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    return f"<image {index}>"
+
+
+class Scorer:
+    """Scores images (paths or PIL images) with one backend. Thread-safe for reading only."""
+
+    def __init__(self, backend: Backend, batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 workers: int | None = None):
+        self.backend = backend
+        self.batch_size = max(1, int(batch_size))
+        self.max_pixels = max_pixels
+        self.workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+
+    @property
+    def info(self):
+        return self.backend.info
+
+    def score(self, inputs, task: str = "quality", batch_size: int | None = None, progress: bool = False) -> list[ScoreRow]:
+        """Score a path, a PIL image, or a sequence of them. One row per input, in order."""
+        if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "convert"):
+            inputs = [inputs]
+        return list(self.iter_score(list(inputs), task=task, batch_size=batch_size, progress=progress))
+
+    def iter_score(self, inputs: Sequence, task: str = "quality", batch_size: int | None = None,
+                   progress: bool = False) -> Iterator[ScoreRow]:
+        """Yield rows in input order as their batches finish (for streaming writers)."""
+        self.backend.check_task(task)
+        size = batch_size or self.batch_size
+        bar = _progress(len(inputs)) if progress else None
+        batch: list[_Prepared] = []
+        try:
+            for prepared in self._prepare_ahead(inputs, lookahead=2 * size):
+                batch.append(prepared)
+                if len(batch) == size:
+                    yield from self._flush(batch, task, bar)
+                    batch = []
+            yield from self._flush(batch, task, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(self, item, index: int) -> _Prepared:
+        name = input_name(item, index)
+        try:
+            image = load_image(item, max_pixels=self.max_pixels)
+            pixels = self.backend.preprocess(image)[None]
+            return _Prepared(name, pixels)
+        except MediaError as exc:
+            return _Prepared(name, error=str(exc))
+        except Exception as exc:  # a batch never dies on one bad file
+            return _Prepared(name, error=f"{name}: {type(exc).__name__}: {exc}")
+
+    def _prepare_ahead(self, inputs: Sequence, lookahead: int) -> Iterator[_Prepared]:
+        """Decode and preprocess in threads, at most ``lookahead`` items ahead of the model."""
+        if self.workers <= 1:
+            for i, item in enumerate(inputs):
+                yield self._prepare(item, i)
+            return
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
+            it = iter(enumerate(inputs))
+            for i, item in it:
+                pending.append(pool.submit(self._prepare, item, i))
+                if len(pending) >= lookahead:
+                    break
+            for i, item in it:
+                yield pending.popleft().result()
+                pending.append(pool.submit(self._prepare, item, i))
+            while pending:
+                yield pending.popleft().result()
+
+    def _flush(self, batch: list[_Prepared], task: str, bar) -> Iterator[ScoreRow]:
+        good = [p for p in batch if not p.error]
+        results: dict[int, ScoreRow] = {}
+        if good:
+            for p, row in zip(good, self._score_prepared(good, task)):
+                results[id(p)] = row
+        for p in batch:
+            row = results.get(id(p)) or ScoreRow(p.name, error=p.error, kind=p.kind)
+            if bar is not None:
+                bar.update(1)
+            yield row
+
+    def _score_prepared(self, prepared: list[_Prepared], task: str) -> list[ScoreRow]:
+        kind = prepared[0].kind
+        try:
+            logits = self.backend.level_logits([p.pixels for p in prepared], task=task, input_kind=kind)
+        except Exception as exc:
+            if len(prepared) == 1:
+                return [ScoreRow(prepared[0].name, error=f"{prepared[0].name}: model failed: {type(exc).__name__}: {exc}")]
+            # One item broke the batch: score one by one so only that item fails.
+            return [row for p in prepared for row in self._score_prepared([p], task)]
+        probs, scores = logits_to_scores(np.asarray(logits, dtype=np.float64))
+        return [
+            ScoreRow(p.name, float(s), tuple(float(x) for x in pr), kind=p.kind, frames=int(p.pixels.shape[0]),
+                     warnings=p.warnings)
+            for p, s, pr in zip(prepared, scores, probs)
+        ]
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="scoring", dynamic_ncols=True, disable=None)
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm"}
+
+
+def expand_inputs(patterns: Iterable[str], recursive: bool = False, extensions: set[str] | None = None) -> list[str]:
+    """Files, folders and globs -> a sorted, de-duplicated list of file paths.
+
+    A folder contributes its files with known media extensions (recursively with ``recursive``);
+    an explicit file is always kept (its content decides); a path that does not exist is kept too,
+    so that it gets an error row instead of vanishing.
+    """
+    import glob
+
+    extensions = extensions or IMAGE_EXTENSIONS
+    out: list[str] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            walker = path.rglob("*") if recursive else path.glob("*")
+            out.extend(sorted(str(p) for p in walker if p.is_file() and p.suffix.lower() in extensions))
+        elif any(ch in pattern for ch in "*?["):
+            out.extend(sorted(p for p in glob.glob(pattern, recursive=recursive) if Path(p).is_file()))
+        else:
+            out.append(pattern)
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
