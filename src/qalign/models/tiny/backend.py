@@ -86,6 +86,19 @@ def level_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def preprocess_image(image, size: int) -> torch.Tensor:
+    """RGB PIL image -> [3, size, size] float32 in EfficientNet-Lite's (x - 127) / 128.
+
+    The image is squashed (bicubic) to a square instead of padded: no pixels are spent on
+    padding, and the quality cues the model reads do not depend on the aspect ratio.
+    """
+    from PIL import Image
+
+    rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+    return (x - 127.0) / 128.0
+
+
 # --------------------------------------------------------------------------- assembly
 
 def base_config(**overrides) -> QAlignTinyConfig:
@@ -163,13 +176,16 @@ def load_tiny(directory: str | Path = SHIPPED_DIR, device: str = "cpu", dtype: t
         model = QAlignTinyForConditionalGeneration.from_pretrained(directory).eval()
     else:
         model = assemble(config, load_file(directory / TRAINED_FILE))
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(directory)
     return TinyBackend(model, tokenizer, device=device, dtype=dtype, name="qalign-tiny" if directory == SHIPPED_DIR else str(directory))
 
 
-def _tokenizer():
+def _tokenizer(directory: Path | None = None):
+    """The folder's own tokenizer when it has one (tests, other LLMs), else SmolLM2's."""
     from transformers import AutoTokenizer
 
+    if directory is not None and (directory / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(directory)
     return AutoTokenizer.from_pretrained(bases.smollm2_dir())
 
 
@@ -193,17 +209,7 @@ class TinyBackend(Backend):
         return self.model.config.image_size
 
     def preprocess(self, image) -> torch.Tensor:
-        """Resize (squash) to image_size x image_size, bicubic; (x - 127) / 128.
-
-        Squashing rather than padding keeps every pixel of the input at the same density in
-        both directions for the common 4:3 photos; quality cues do not depend on aspect ratio.
-        """
-        from PIL import Image
-
-        size = self.image_size
-        rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
-        return (x - 127.0) / 128.0
+        return preprocess_image(image, self.image_size)
 
     def _prompt_embeds(self, task: str, input_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = (task, input_kind)

@@ -9,7 +9,7 @@ class QAlignTinyConfig(PretrainedConfig):
     """mPLUG-Owl2's shape at laptop size.
 
     The vision encoder is EfficientNet-Lite0; its stride-8, stride-16 and stride-32 feature maps
-    are pooled to one grid and concatenated, because image quality lives in low-level statistics
+    are pooled to one ``grid_size`` x ``grid_size`` grid and concatenated, because image quality lives in low-level statistics
     (noise, blur, blocking) as much as in semantics. ``num_queries`` learned queries cross-attend
     to that grid (the abstractor); the result plus one learned end token is spliced into the
     language model at the image placeholder.
@@ -20,7 +20,8 @@ class QAlignTinyConfig(PretrainedConfig):
 
     def __init__(
         self,
-        image_size: int = 384,
+        image_size: int = 512,
+        grid_size: int = 12,
         vision_feature_channels: tuple[int, ...] = (40, 112, 1280),
         abstractor_hidden_size: int = 256,
         abstractor_layers: int = 2,
@@ -28,12 +29,10 @@ class QAlignTinyConfig(PretrainedConfig):
         abstractor_intermediate_size: int = 768,
         num_queries: int = 16,
         text_config: dict | LlamaConfig | None = None,
-        image_token: str = "<|image|>",
-        level_token_ids: tuple[int, ...] | None = None,
-        prompt_style: str = "chatml",
         **kwargs,
     ):
         self.image_size = image_size
+        self.grid_size = grid_size
         self.vision_feature_channels = list(vision_feature_channels)
         self.abstractor_hidden_size = abstractor_hidden_size
         self.abstractor_layers = abstractor_layers
@@ -43,12 +42,4 @@ class QAlignTinyConfig(PretrainedConfig):
         if isinstance(text_config, dict):
             text_config = LlamaConfig(**text_config)
         self.text_config = text_config if text_config is not None else LlamaConfig()
-        self.image_token = image_token
-        # bad, poor, fair, good, excellent in the language model's vocabulary.
-        self.level_token_ids = list(level_token_ids) if level_token_ids is not None else None
-        self.prompt_style = prompt_style
         super().__init__(**kwargs)
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // 32
