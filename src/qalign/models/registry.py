@@ -31,7 +31,7 @@ def known() -> dict[str, Entry]:
     except ImportError:
         CHECKPOINTS = {}
     for name, ck in CHECKPOINTS.items():
-        entries.append(Entry(name, "owl2", ck.hub_id, tuple(ck.tasks), "native" if ck.video else "no", ck.notes))
+        entries.append(Entry(name, "owl2", ck.hub_id, tuple(ck.tasks), ck.video, ck.notes))
     try:
         from .chat_vlm import KNOWN_CHAT_VLMS
     except ImportError:
@@ -100,7 +100,7 @@ def load_backend(name_or_dir: str = "qalign-tiny", device: str | None = "auto", 
 
 def _hub_kind(hub_id: str) -> str:
     lowered = hub_id.lower()
-    return "owl2" if lowered.startswith(("q-future/", "zhiyuanyou/deqa")) else "chat_vlm"
+    return "owl2" if lowered.startswith(("q-future/", "zhiyuanyou/deqa", "magaer13/mplug-owl2")) else "chat_vlm"
 
 
 def _load_by_kind(kind: str, source: str, device: str, dtype, name: str | None = None):
