@@ -43,7 +43,11 @@ class Backend(ABC):
 
     @abstractmethod
     def preprocess(self, image):
-        """One RGB ``PIL.Image`` -> a float32 tensor [C, H, W] ready for ``level_logits``."""
+        """One RGB ``PIL.Image`` -> a tensor [C, H, W] ready for ``level_logits``.
+
+        Usually float32 normalised pixels; a backend whose own processor resizes (chat VLMs)
+        may return the raw uint8 image. The Scorer never looks inside, it only batches.
+        """
 
     @abstractmethod
     def level_logits(self, items: Sequence, task: str = "quality", input_kind: str = "image"):
