@@ -84,6 +84,23 @@ def test_dataset_name_guess_uses_whole_tokens(tmp_path):
         assert ls.lower_is_better == (expect in ("LIVE", "CSIQ")), fname
 
 
+def test_direction_column_and_mixed_datasets(tmp_path):
+    p = tmp_path / "mixed.csv"
+    p.write_text("path,dataset,score,higher_is_better,source\n"
+                 "a.jpg,KonIQ-10k,2.3,yes,koniq image a\n"
+                 "b.png,LIVE,40.0,yes,a LIVE image (rescored)\n"
+                 "c.png,LIVE,70.0,yes,another\n")
+    ls = read_labels(p)
+    assert not ls.lower_is_better and ls.direction_source == "column higher_is_better"
+    assert ls.sources() == ["KonIQ-10k", "LIVE"] and ls[0].extra["source"] == "koniq image a"
+    assert any("2 datasets" in n for n in ls.notes)
+    live = ls.by_source("LIVE")
+    assert live.score_range == (40.0, 70.0) and live.lower_is_better  # the table knows LIVE is DMOS
+    q = tmp_path / "dmos.csv"
+    q.write_text("path,score,lower_is_better\na.png,1,yes\nb.png,2,yes\n")
+    assert read_labels(q).lower_is_better
+
+
 def test_jsonl(tmp_path):
     p = tmp_path / "labels.jsonl"
     p.write_text("\n".join(json.dumps(d) for d in [

@@ -93,6 +93,23 @@ class LabelSet:
         recs = [r for r in self.records if r.split == split]
         return replace(self, records=recs, notes=list(self.notes))
 
+    def sources(self) -> list[str]:
+        return sorted({r.source for r in self.records if r.source})
+
+    def by_source(self, source: str) -> "LabelSet":
+        """The records of one dataset of a mixed file, with that dataset's own range and, when the
+        direction table knows it, its own direction."""
+        recs = [r for r in self.records if r.source == source]
+        if not recs:
+            raise KeyError(f"no records with source {source!r}; sources: {', '.join(self.sources())}")
+        info = dataset_info(source)
+        lib, how = (info.lower_is_better, f"dataset table: {info.name}") if info else (
+            self.lower_is_better, self.direction_source)
+        scores = [r.score for r in recs]
+        return LabelSet(records=recs, name=info.name if info else source, lower_is_better=lib,
+                        score_range=(min(scores), max(scores)), direction_source=how,
+                        scale=info.scale if info else self.scale)
+
     def level_index(self, record: LabelRecord) -> int:
         """Q-Align level (0 = bad .. 4 = excellent) of a record on this set's whole-file range."""
         from ..levels import level_of
@@ -225,7 +242,10 @@ SCORE_KEYS = ("score", "mos", "dmos", "gt_score", "mos_z", "mos_zscore", "zscore
 STD_KEYS = ("std", "mos_std", "sd", "stdev", "std_dev", "score_std", "score std", "dmos_std")
 VAR_KEYS = ("var", "variance", "mos_var", "dmos_var")
 SPLIT_KEYS = ("split", "set", "subset", "partition")
-SOURCE_KEYS = ("source", "dataset", "db", "database")
+SOURCE_KEYS = ("dataset", "db", "database", "source")
+DIRECTION_KEYS = {"higher_is_better": False, "lower_is_better": True}  # column -> lower_is_better when "yes"
+_YES = {"yes", "y", "true", "1"}
+_NO = {"no", "n", "false", "0"}
 
 
 def _pick(keys: Iterable[str], candidates: Sequence[str]) -> str | None:
@@ -387,11 +407,34 @@ def _from_rows(rows: Sequence[Mapping[str, Any]], *, origin: str, name: str | No
     if not records:
         raise LabelFormatError(f"{origin}: no row has both a path and a numeric score")
     lib, how, info = _direction(name, origin, sk, lower_is_better)
+    col_dir = _direction_column(rows)
+    if lower_is_better is None and col_dir is not None:
+        lib, how = col_dir
     ls = _make_set(records, name=(info.name if info else name), lower_is_better=lib, how=how,
                    scale=info.scale if info else None)
     if skipped:
         ls.notes.append(f"{skipped} row(s) without a path or a numeric score were skipped")
+    sources = {r.source for r in records if r.source}
+    if len(sources) > 1:
+        ls.notes.append(f"{len(sources)} datasets in one file ({', '.join(sorted(sources))}): the score range spans "
+                        "their scales; evaluate and bin each with by_source(name)")
     return ls
+
+
+def _direction_column(rows: Sequence[Mapping[str, Any]]) -> tuple[bool, str] | None:
+    """Direction from a ``higher_is_better`` / ``lower_is_better`` yes/no column, when all rows agree."""
+    col = _pick(rows[0].keys(), tuple(DIRECTION_KEYS))
+    if col is None:
+        return None
+    values = {str(r.get(col, "")).strip().lower() for r in rows} - {""}
+    if values <= _YES and values:
+        flag = True
+    elif values <= _NO and values:
+        flag = False
+    else:
+        return None
+    lower = DIRECTION_KEYS[col.strip().lower()] if flag else not DIRECTION_KEYS[col.strip().lower()]
+    return lower, f"column {col}"
 
 
 def _make_set(records: list[LabelRecord], *, name: str | None, lower_is_better: bool, how: str,
