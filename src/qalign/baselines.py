@@ -31,7 +31,6 @@ How close each one is to its reference (details in each class):
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import math
 import os
 from pathlib import Path
@@ -46,10 +45,8 @@ _DATA = "baselines_data"
 
 
 def _data_file(name: str) -> Path:
-    """A file of qalign/baselines_data (package data) as a real path."""
-    res = importlib.resources.files("qalign").joinpath(_DATA, name)
-    with importlib.resources.as_file(res) as p:
-        return Path(p)
+    """A file of qalign/baselines_data (package data; OpenCV needs a real path, so no zip imports)."""
+    return Path(__file__).resolve().parent / _DATA / name
 
 
 # --------------------------------------------------------------------------------------------
