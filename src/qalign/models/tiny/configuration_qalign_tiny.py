@@ -20,7 +20,7 @@ class QAlignTinyConfig(PretrainedConfig):
 
     def __init__(
         self,
-        image_size: int = 512,
+        image_size: int = 384,
         grid_size: int = 12,
         vision_feature_channels: tuple[int, ...] = (40, 112, 1280),
         abstractor_hidden_size: int = 256,
