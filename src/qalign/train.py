@@ -12,7 +12,6 @@ The same command runs on one CPU, one GPU, or many processes (``accelerate launc
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
