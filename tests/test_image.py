@@ -278,10 +278,6 @@ def test_pil_inputs_are_not_capped():
     _check_rgb(load_image(Image.new("L", (64, 48)), max_pixels=10), size=(64, 48))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in qalign/media/image.py: Pillow's global bomb limit (Image.MAX_IMAGE_PIXELS = 89.5 MP warning, "
-    "179 MP error) fires inside Image.open before load_image's own max_pixels cap, so images between "
-    "89.5 MP and DEFAULT_MAX_PIXELS are refused and --max-pixels cannot raise the limit"))
 def test_images_below_the_default_cap_are_not_refused_as_bombs(tmp_path):
     """DEFAULT_MAX_PIXELS promises that e.g. a 12000 x 9000 (108 MP) photo decodes; Pillow's own
     bomb limit (89.5 MP warning, 179 MP error) must not refuse it first. The header-only file then
@@ -293,10 +289,6 @@ def test_images_below_the_default_cap_are_not_refused_as_bombs(tmp_path):
     assert "bomb" not in message, message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in qalign/media/image.py: Pillow's global bomb limit (Image.MAX_IMAGE_PIXELS = 89.5 MP warning, "
-    "179 MP error) fires inside Image.open before load_image's own max_pixels cap, so images between "
-    "89.5 MP and DEFAULT_MAX_PIXELS are refused and --max-pixels cannot raise the limit"))
 def test_raising_max_pixels_lifts_the_refusal(tmp_path):
     path = tmp_path / "huge.png"
     path.write_bytes(_png_header_only(20_000, 15_000))  # 300 MP

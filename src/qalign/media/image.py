@@ -9,7 +9,9 @@ is usually shown, not on whatever colour the hidden pixels happen to hold.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,28 +37,55 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns before it errors on large images; we turn both into our own error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    raise MediaError(
-                        f"{path}: {width}x{height} = {width * height:,} pixels exceeds the cap of {max_pixels:,} "
-                        "(possible decompression bomb; raise --max-pixels if the file is genuine)"
-                    )
+        with _open_header(path) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise MediaError(_too_large(path, width * height, max_pixels, f"{width}x{height} = "))
+            with warnings.catch_warnings():
+                # Our own cap was checked above; Pillow's global one must not second-guess it.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 frame = _first_frame(im)
                 frame.load()
                 image = ImageOps.exif_transpose(frame)
                 return to_rgb(image)
     except MediaError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise MediaError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except Image.DecompressionBombError:
+        raise MediaError(_too_large(path, None, max_pixels)) from None
     except UnidentifiedImageError:
         raise MediaError(f"{path}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise MediaError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _open_header(path: Path):
+    """``Image.open`` (a header read, nothing decoded) without Pillow's global bomb limit.
+
+    Pillow's limit (89 MP warning, 179 MP error) would refuse genuine large photos that
+    ``max_pixels`` allows, with a message that ignores it; the caller checks ``max_pixels``
+    against the header's size right after. The lock keeps concurrent opens from restoring each
+    other's limit; decoding happens outside it.
+    """
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    with im:
+        yield im
+
+
+def _too_large(path: Path, pixels: int | None, max_pixels: int, size: str = "") -> str:
+    amount = f"{size}{pixels:,} pixels" if pixels is not None else "more than twice that many pixels"
+    return (f"{path}: {amount} exceeds the cap of {max_pixels:,} "
+            "(possible decompression bomb; raise --max-pixels if the file is genuine)")
 
 
 def _first_frame(im: Image.Image) -> Image.Image:
