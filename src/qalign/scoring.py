@@ -3,6 +3,12 @@
     inputs -> decode + preprocess (threads, ahead of the model) -> batches -> backend level logits
            -> close-set softmax -> score in [1, 5] (and [0, 1]) -> ScoreRow, in input order
 
+An input is an image (path or PIL image) or a video (a path whose content is video, or a list of
+PIL frames). Videos are sampled with a frame cap (``VideoOptions``) and streamed frame by frame
+into the preprocessor, so memory is bounded by the cap whatever the video's length. Backends
+trained on video get all frames in one prompt ("native"); the others score each frame as an
+image and the level logits are averaged ("per-frame"), which also gives per-frame scores.
+
 A bad input becomes a row with an error; the other inputs go on. All items of an image batch
 share one prompt and one length, so no padding exists and a batch of 16 gives the scores of 16
 batches of 1 (float32).
@@ -27,6 +33,24 @@ PROB_FIELDS = tuple(f"p_{word}" for word in LEVELS)
 ROW_FIELDS = ("path", "score_1_5", "score_0_1", *PROB_FIELDS, "error")
 
 
+@dataclass(frozen=True)
+class VideoOptions:
+    """How videos are sampled: ``fps`` frames per second (default 1, as Q-Align) or ``frames`` N
+    uniformly spaced frames (Q-ReAlign uses 8); ``max_frames`` caps the fps plan (None: no cap)."""
+
+    fps: float | None = None
+    frames: int | None = None
+    max_frames: int | None = 16
+
+
+@dataclass
+class FrameScore:
+    index: int
+    time: float
+    score: float
+    probs: tuple[float, ...]
+
+
 @dataclass
 class ScoreRow:
     """One input's result. ``score`` is on [1, 5] (bad = 1 ... excellent = 5)."""
@@ -38,6 +62,7 @@ class ScoreRow:
     kind: str = "image"
     frames: int = 0
     warnings: list[str] = field(default_factory=list)
+    per_frame: list[FrameScore] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -66,22 +91,38 @@ class _Prepared:
     error: str = ""
     kind: str = "image"
     warnings: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
 
 
 def input_name(item, index: int) -> str:
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item)
+    if isinstance(item, (list, tuple)):
+        return f"<video {index}>"
     return f"<image {index}>"
+
+
+def is_video_input(item) -> bool:
+    """A list of frames, or a path whose bytes say video (the extension only breaks ties)."""
+    if isinstance(item, (list, tuple)):
+        return True
+    if not isinstance(item, (str, os.PathLike)) or not os.path.isfile(item):
+        return False
+    from .media.sniff import kind_of
+
+    return kind_of(item) == "video"
 
 
 class Scorer:
     """Scores images (paths or PIL images) with one backend. Thread-safe for reading only."""
 
     def __init__(self, backend: Backend, batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 workers: int | None = None):
+                 workers: int | None = None, video: VideoOptions = VideoOptions()):
         self.backend = backend
         self.batch_size = max(1, int(batch_size))
         self.max_pixels = max_pixels
+        self.video = video
         self.workers = workers if workers is not None else min(4, os.cpu_count() or 1)
 
     @property
@@ -89,7 +130,8 @@ class Scorer:
         return self.backend.info
 
     def score(self, inputs, task: str = "quality", batch_size: int | None = None, progress: bool = False) -> list[ScoreRow]:
-        """Score a path, a PIL image, or a sequence of them. One row per input, in order."""
+        """Score a path, a PIL image, or a sequence of them (a video: a path, or a list of PIL
+        frames inside the sequence). One row per input, in order."""
         if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "convert"):
             inputs = [inputs]
         return list(self.iter_score(list(inputs), task=task, batch_size=batch_size, progress=progress))
@@ -117,13 +159,44 @@ class Scorer:
     def _prepare(self, item, index: int) -> _Prepared:
         name = input_name(item, index)
         try:
+            if is_video_input(item):
+                return self._prepare_video(item, name)
             image = load_image(item, max_pixels=self.max_pixels)
             pixels = self.backend.preprocess(image)[None]
             return _Prepared(name, pixels)
-        except MediaError as exc:
-            return _Prepared(name, error=str(exc))
+        except (MediaError, ValueError, FileNotFoundError) as exc:
+            return _Prepared(name, error=str(exc) if name in str(exc) else f"{name}: {exc}")
         except Exception as exc:  # a batch never dies on one bad file
             return _Prepared(name, error=f"{name}: {type(exc).__name__}: {exc}")
+
+    def _prepare_video(self, item, name: str) -> _Prepared:
+        """Frames streamed one at a time into the preprocessor: memory bounded by the frame cap."""
+        import torch
+
+        if isinstance(item, (list, tuple)):
+            if not item:
+                raise MediaError(f"{name}: a video needs at least one frame")
+            frames = [(load_image(f, max_pixels=self.max_pixels), float(i), i) for i, f in enumerate(item)]
+            warnings: list[str] = []
+        else:
+            from .media.video import read_frames
+
+            stream = read_frames(item, fps=self.video.fps, frames=self.video.frames, max_frames=self.video.max_frames)
+            with stream:
+                frames = ((f.image, f.time, f.index) for f in stream)
+                pixels, times, indices = self._preprocess_frames(frames)
+            return _Prepared(name, torch.stack(pixels), kind="video", warnings=list(stream.warnings),
+                             times=times, indices=indices)
+        pixels, times, indices = self._preprocess_frames(frames)
+        return _Prepared(name, torch.stack(pixels), kind="video", warnings=warnings, times=times, indices=indices)
+
+    def _preprocess_frames(self, frames):
+        pixels, times, indices = [], [], []
+        for image, time, index in frames:
+            pixels.append(self.backend.preprocess(image))
+            times.append(time)
+            indices.append(index)
+        return pixels, times, indices
 
     def _prepare_ahead(self, inputs: Sequence, lookahead: int) -> Iterator[_Prepared]:
         """Decode and preprocess in threads, at most ``lookahead`` items ahead of the model."""
@@ -145,11 +218,12 @@ class Scorer:
                 yield pending.popleft().result()
 
     def _flush(self, batch: list[_Prepared], task: str, bar) -> Iterator[ScoreRow]:
-        good = [p for p in batch if not p.error]
         results: dict[int, ScoreRow] = {}
-        if good:
-            for p, row in zip(good, self._score_prepared(good, task)):
-                results[id(p)] = row
+        for kind in ("image", "video"):
+            group = [p for p in batch if not p.error and p.kind == kind]
+            if group:
+                for p, row in zip(group, self._score_prepared(group, task)):
+                    results[id(p)] = row
         for p in batch:
             row = results.get(id(p)) or ScoreRow(p.name, error=p.error, kind=p.kind)
             if bar is not None:
@@ -157,9 +231,10 @@ class Scorer:
             yield row
 
     def _score_prepared(self, prepared: list[_Prepared], task: str) -> list[ScoreRow]:
-        kind = prepared[0].kind
+        if prepared[0].kind == "video" and self.backend.info.video != "native":
+            return [self._score_per_frame(p, task) for p in prepared]
         try:
-            logits = self.backend.level_logits([p.pixels for p in prepared], task=task, input_kind=kind)
+            logits = self.backend.level_logits([p.pixels for p in prepared], task=task, input_kind=prepared[0].kind)
         except Exception as exc:
             if len(prepared) == 1:
                 return [ScoreRow(prepared[0].name, error=f"{prepared[0].name}: model failed: {type(exc).__name__}: {exc}")]
@@ -173,6 +248,24 @@ class Scorer:
         ]
 
 
+    def _score_per_frame(self, p: _Prepared, task: str) -> ScoreRow:
+        """Each frame judged as an image; the item's logits are the mean of the frames' logits."""
+        try:
+            frame_logits = np.concatenate([
+                np.asarray(self.backend.level_logits([f[None] for f in p.pixels[i:i + self.batch_size]], task=task,
+                                                     input_kind="image"), dtype=np.float64)
+                for i in range(0, p.pixels.shape[0], self.batch_size)
+            ])
+        except Exception as exc:
+            return ScoreRow(p.name, error=f"{p.name}: model failed: {type(exc).__name__}: {exc}", kind=p.kind)
+        probs, scores = logits_to_scores(frame_logits.mean(0, keepdims=True))
+        frame_probs, frame_scores = logits_to_scores(frame_logits)
+        per_frame = [FrameScore(i, t, float(s), tuple(float(x) for x in pr))
+                     for i, t, s, pr in zip(p.indices, p.times, frame_scores, frame_probs)]
+        return ScoreRow(p.name, float(scores[0]), tuple(float(x) for x in probs[0]), kind="video",
+                        frames=len(per_frame), warnings=p.warnings, per_frame=per_frame)
+
+
 def _progress(total: int):
     from tqdm import tqdm
 
@@ -180,18 +273,19 @@ def _progress(total: int):
 
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
 
 
 def expand_inputs(patterns: Iterable[str], recursive: bool = False, extensions: set[str] | None = None) -> list[str]:
     """Files, folders and globs -> a sorted, de-duplicated list of file paths.
 
-    A folder contributes its files with known media extensions (recursively with ``recursive``);
+    A folder contributes its files with known image and video extensions (recursively with ``recursive``);
     an explicit file is always kept (its content decides); a path that does not exist is kept too,
     so that it gets an error row instead of vanishing.
     """
     import glob
 
-    extensions = extensions or IMAGE_EXTENSIONS
+    extensions = extensions or IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
     out: list[str] = []
     for pattern in patterns:
         path = Path(pattern)

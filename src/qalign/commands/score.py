@@ -26,11 +26,17 @@ def register(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--resume", action="store_true", help="with --output: score only inputs not already in the file")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this many pixels")
+    v = p.add_argument_group("video", "videos are found by content; frames are sampled by timestamp")
+    v.add_argument("--fps", type=float, default=None, help="frames per second to sample (default 1, as Q-Align)")
+    v.add_argument("--frames", type=int, default=None, help="sample N uniformly spaced frames instead (Q-ReAlign: 8)")
+    v.add_argument("--max-frames", type=int, default=16,
+                   help="cap on frames per video in --fps mode, subsampled uniformly (default 16; 0 = no cap)")
+    v.add_argument("--per-frame", metavar="FILE", help="also write per-frame scores and times to FILE.csv/.jsonl")
     p.set_defaults(func=cmd_score)
 
 
 def cmd_score(args) -> int:
-    from ..scoring import ROW_FIELDS, expand_inputs
+    from ..scoring import PROB_FIELDS, ROW_FIELDS, expand_inputs
 
     inputs = expand_inputs(args.paths, recursive=args.recursive)
     if not inputs:
@@ -55,8 +61,11 @@ def cmd_score(args) -> int:
     from ..models.base import UnsupportedTask
     from ..models.registry import load_scorer
 
+    from ..scoring import VideoOptions
+
     try:
         kwargs = {"max_pixels": args.max_pixels} if args.max_pixels else {}
+        kwargs["video"] = VideoOptions(fps=args.fps, frames=args.frames, max_frames=args.max_frames or None)
         scorer = load_scorer(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs)
         scorer.backend.check_task(args.task)
     except (UnsupportedTask, ValueError, FileNotFoundError, OSError) as exc:
@@ -64,12 +73,23 @@ def cmd_score(args) -> int:
         return 2
 
     writer = _RowWriter(Path(args.output), _file_kind(Path(args.output))) if args.output else None
+    frame_writer = None
+    if args.per_frame:
+        frame_path = Path(args.per_frame)
+        if frame_path.exists() and not args.resume:
+            frame_path.unlink()
+        frame_fields = ("path", "frame_index", "time_s", "score_1_5", *PROB_FIELDS)
+        frame_writer = _RowWriter(frame_path, _file_kind(frame_path), frame_fields)
     rows = []
     failed = 0
     try:
         for row in scorer.iter_score(todo, task=args.task, progress=len(todo) > 1):
             if writer:
                 writer.write(row.as_dict())
+            if frame_writer:
+                for f in row.per_frame:
+                    frame_writer.write({"path": row.path, "frame_index": f.index, "time_s": round(f.time, 4),
+                                        "score_1_5": f.score, **dict(zip(PROB_FIELDS, f.probs))})
             if fmt != "none":
                 rows.append(row)
             if row.error:
@@ -78,8 +98,9 @@ def cmd_score(args) -> int:
             for w in row.warnings:
                 print(f"qalign: warning: {row.path}: {w}", file=sys.stderr)
     finally:
-        if writer:
-            writer.close()
+        for w in (writer, frame_writer):
+            if w:
+                w.close()
     _print_rows(rows, fmt, ROW_FIELDS)
     if failed:
         print(f"qalign: {failed} of {len(todo)} inputs failed", file=sys.stderr)
@@ -108,13 +129,13 @@ def _finished_paths(path: Path, kind: str) -> set[str]:
 class _RowWriter:
     """Appends one row per line and flushes it, so a killed run loses at most a partial line."""
 
-    def __init__(self, path: Path, kind: str):
+    def __init__(self, path: Path, kind: str, fields=None):
         from ..scoring import ROW_FIELDS
 
         self.kind = kind
         new = not path.exists() or path.stat().st_size == 0
         self.file = open(path, "a", newline="", encoding="utf-8")
-        self.csv = csv.DictWriter(self.file, fieldnames=ROW_FIELDS) if kind == "csv" else None
+        self.csv = csv.DictWriter(self.file, fieldnames=fields or ROW_FIELDS) if kind == "csv" else None
         if self.csv and new:
             self.csv.writeheader()
 
