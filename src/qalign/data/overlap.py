@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..wheels import sha256_of
 from .labels import LabelRecord, LabelSet
 
 __all__ = ["Overlap", "OverlapReport", "ContentHash", "content_hash", "find_overlaps", "check_overlap",
@@ -39,14 +40,6 @@ class Overlap:
     a: str
     b: str
     kind: str
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pixel_sha256(path: Path) -> str | None:
@@ -73,7 +66,7 @@ def _pixel_sha256(path: Path) -> str | None:
 
 def content_hash(path: str | os.PathLike, *, pixels: bool = True) -> ContentHash:
     p = Path(path)
-    return ContentHash(str(p), _file_sha256(p), _pixel_sha256(p) if pixels else None)
+    return ContentHash(str(p), sha256_of(p), _pixel_sha256(p) if pixels else None)
 
 
 def _paths(source: str | os.PathLike | LabelSet | Iterable[LabelRecord] | Iterable[str],
