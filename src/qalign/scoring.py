@@ -16,6 +16,7 @@ batches of 1 (float32).
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,17 @@ class VideoOptions:
     frames: int | None = None
     max_frames: int | None = 16
 
+    def __post_init__(self):
+        # Checked here (not per video) so that a bad option fails once, before any scoring.
+        if self.fps is not None and self.frames is not None:
+            raise ValueError("video sampling: pass either fps or frames, not both")
+        if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"video sampling: fps must be a positive number, got {self.fps!r}")
+        if self.frames is not None and (int(self.frames) != self.frames or self.frames < 1):
+            raise ValueError(f"video sampling: frames must be a positive integer, got {self.frames!r}")
+        if self.max_frames is not None and (int(self.max_frames) != self.max_frames or self.max_frames < 1):
+            raise ValueError(f"video sampling: max_frames must be a positive integer or None, got {self.max_frames!r}")
+
 
 @dataclass
 class FrameScore:
@@ -59,7 +71,7 @@ class ScoreRow:
     score: float | None = None
     probs: tuple[float, ...] | None = None  # bad, poor, fair, good, excellent
     error: str = ""
-    kind: str = "image"
+    kind: str = "image"  # "video"; "unknown" on the error row of a file that is neither
     frames: int = 0
     warnings: list[str] = field(default_factory=list)
     per_frame: list[FrameScore] = field(default_factory=list)
@@ -105,13 +117,26 @@ def input_name(item, index: int) -> str:
 
 def is_video_input(item) -> bool:
     """A list of frames, or a path whose bytes say video (the extension only breaks ties)."""
-    if isinstance(item, (list, tuple)):
-        return True
-    if not isinstance(item, (str, os.PathLike)) or not os.path.isfile(item):
-        return False
-    from .media.sniff import kind_of
+    return _sniff(item)[0] == "video"
 
-    return kind_of(item) == "video"
+
+# Content that is neither image nor video, as the sniffer names it -> words for the error row.
+_NOT_MEDIA = {"text": "a text file", "audio": "audio only", "wav": "audio only (WAVE)", "m4a": "audio only (M4A)",
+              "ogg": "audio only (Ogg)", "riff": "a RIFF file that is not AVI or WebP"}
+
+
+def _sniff(item) -> tuple[str, str]:
+    """(kind, format) of an input: ("video", "frames") for a list of frames, ("image", "pil") for
+    an image object, the sniffer's verdict for an existing file, ("image", "") otherwise (so that
+    the image loader gives the error for a missing path)."""
+    if isinstance(item, (list, tuple)):
+        return "video", "frames"
+    if not isinstance(item, (str, os.PathLike)) or not os.path.isfile(item):
+        return "image", ""
+    from .media.sniff import detect
+
+    found = detect(item)
+    return found.kind, found.format
 
 
 class Scorer:
@@ -158,16 +183,25 @@ class Scorer:
 
     def _prepare(self, item, index: int) -> _Prepared:
         name = input_name(item, index)
+        kind = "image"
         try:
-            if is_video_input(item):
+            kind, fmt = _sniff(item)
+            if kind == "video":
                 return self._prepare_video(item, name)
-            image = load_image(item, max_pixels=self.max_pixels)
+            if kind == "unknown" and fmt in _NOT_MEDIA:
+                raise MediaError(f"{name}: not a recognised image format, nor a video: the file is {_NOT_MEDIA[fmt]}")
+            try:
+                image = load_image(item, max_pixels=self.max_pixels)
+            except MediaError as exc:
+                if kind == "unknown" and str(exc).endswith("not a recognised image format"):
+                    raise MediaError(f"{name}: not a recognised image format, nor a video") from None
+                raise
             pixels = self.backend.preprocess(image)[None]
             return _Prepared(name, pixels)
         except (MediaError, ValueError, FileNotFoundError) as exc:
-            return _Prepared(name, error=str(exc) if name in str(exc) else f"{name}: {exc}")
+            return _Prepared(name, error=str(exc) if name in str(exc) else f"{name}: {exc}", kind=kind)
         except Exception as exc:  # a batch never dies on one bad file
-            return _Prepared(name, error=f"{name}: {type(exc).__name__}: {exc}")
+            return _Prepared(name, error=f"{name}: {type(exc).__name__}: {exc}", kind=kind)
 
     def _prepare_video(self, item, name: str) -> _Prepared:
         """Frames streamed one at a time into the preprocessor: memory bounded by the frame cap."""
@@ -237,7 +271,8 @@ class Scorer:
             logits = self.backend.level_logits([p.pixels for p in prepared], task=task, input_kind=prepared[0].kind)
         except Exception as exc:
             if len(prepared) == 1:
-                return [ScoreRow(prepared[0].name, error=f"{prepared[0].name}: model failed: {type(exc).__name__}: {exc}")]
+                return [ScoreRow(prepared[0].name, error=f"{prepared[0].name}: model failed: {type(exc).__name__}: {exc}",
+                                 kind=prepared[0].kind, warnings=prepared[0].warnings)]
             # One item broke the batch: score one by one so only that item fails.
             return [row for p in prepared for row in self._score_prepared([p], task)]
         probs, scores = logits_to_scores(np.asarray(logits, dtype=np.float64))

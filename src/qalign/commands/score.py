@@ -43,6 +43,8 @@ def cmd_score(args) -> int:
         print("qalign: no input files found", file=sys.stderr)
         return 2
     fmt = args.format or ("none" if args.output else "table")
+    if args.per_frame:
+        _file_kind(Path(args.per_frame))  # a bad name fails now, not after the model has loaded
     done: set[str] = set()
     if args.output:
         out_path = Path(args.output)
@@ -80,6 +82,9 @@ def cmd_score(args) -> int:
             frame_path.unlink()
         frame_fields = ("path", "frame_index", "time_s", "score_1_5", *PROB_FIELDS)
         frame_writer = _RowWriter(frame_path, _file_kind(frame_path), frame_fields)
+        if scorer.backend.info.video == "native":
+            print(f"qalign: note: {scorer.backend.info.name} judges a video as a whole (native video mode); "
+                  f"{args.per_frame} gets no per-frame rows", file=sys.stderr)
     rows = []
     failed = 0
     try:
