@@ -10,7 +10,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("score", "models", "train", "data", "eval", "serve")
+COMMANDS = ("score", "models", "train", "data", "eval", "serve", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--resume", action="store_true", help="with --output: score only inputs not already in the file")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this many pixels")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="score in N processes (one GPU each, or a share of the CPU cores); rows are merged back in "
+                        "input order. Under `accelerate launch -m qalign score` / torchrun the launcher's processes are used")
     v = p.add_argument_group("video", "videos are found by content; frames are sampled by timestamp")
     v.add_argument("--fps", type=float, default=None, help="frames per second to sample (default 1, as Q-Align)")
     v.add_argument("--frames", type=int, default=None, help="sample N uniformly spaced frames instead (Q-ReAlign: 8)")
@@ -36,6 +39,11 @@ def register(sub) -> None:
 
 
 def cmd_score(args) -> int:
+    from ..shard import dispatch, wrap
+
+    routed = dispatch(args)  # --num-processes / a launcher: workers and the launcher stop here
+    if routed is not None:
+        return routed
     from ..scoring import PROB_FIELDS, ROW_FIELDS, expand_inputs
 
     inputs = expand_inputs(args.paths, recursive=args.recursive)
@@ -68,7 +76,7 @@ def cmd_score(args) -> int:
     try:
         kwargs = {"max_pixels": args.max_pixels} if args.max_pixels else {}
         kwargs["video"] = VideoOptions(fps=args.fps, frames=args.frames, max_frames=args.max_frames or None)
-        scorer = load_scorer(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs)
+        scorer = wrap(load_scorer(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **kwargs))
         scorer.backend.check_task(args.task)
     except (UnsupportedTask, ValueError, FileNotFoundError, OSError) as exc:
         print(f"qalign: {exc}", file=sys.stderr)

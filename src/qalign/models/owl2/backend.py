@@ -661,6 +661,10 @@ class Owl2Backend(Backend):
             base.vision_batch_size = frames_per_chunk
         self.level_ids = level_token_ids(tokenizer)  # bad, poor, fair, good, excellent
         self._prompts: dict[tuple[str, str], list[int]] = {}
+        # The text before the image is the same for every item: its keys/values are computed
+        # once per (task, input kind) and reused (False: the whole prompt every time).
+        self.prefix_cache = True
+        self._prefix_kv: dict[tuple[str, str], tuple] = {}
 
     def preprocess(self, image) -> torch.Tensor:
         return preprocess_image(image)
@@ -680,11 +684,25 @@ class Owl2Backend(Backend):
         for x in frames:
             if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < 1:
                 raise ValueError(f"each item must be [F, 3, H, W] with F >= 1, got {tuple(x.shape)}")
-        ids = torch.tensor([self.prompt_ids(task, input_kind)] * len(frames), device=self.device)
+        prompt = self.prompt_ids(task, input_kind)
+        cut = prompt.index(IMAGE_TOKEN_INDEX)
+        past = self._prefix(task, input_kind, prompt[:cut]) if self.prefix_cache and cut > 0 and hasattr(self.model.model, "prefix_kv") else None
+        rest = prompt[cut:] if past is not None else prompt
+        ids = torch.tensor([rest] * len(frames), device=self.device)
         with torch.inference_mode():
             pixels = [x.to(self.device, dtype=self.dtype) for x in frames]
-            out = self.model.level_logits(ids, self.level_ids, pixel_values=pixels)
+            if past is None:
+                out = self.model.level_logits(ids, self.level_ids, pixel_values=pixels)
+            else:
+                out = self.model.level_logits(ids, self.level_ids, pixel_values=pixels, past=past)
         return out.float().cpu()
+
+    def _prefix(self, task: str, input_kind: str, prefix: list[int]):
+        key = (task, input_kind)
+        if key not in self._prefix_kv:
+            with torch.inference_mode():
+                self._prefix_kv[key] = self.model.model.prefix_kv(torch.tensor(prefix, device=self.device))
+        return self._prefix_kv[key]
 
 
 def _info_for(entry: Owl2Checkpoint | None, label: str, tasks=None, video=None) -> ModelInfo:

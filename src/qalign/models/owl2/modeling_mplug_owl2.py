@@ -49,12 +49,18 @@ TEXT, VISUAL = 0, 1  # multiway branch index: 0 = text (and padding), 1 = visual
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implementation: str) -> torch.Tensor:
     """Causal scaled dot-product attention over [B, H, L, d]. Eager computes the softmax in
-    float32 and casts back, as the official LLaMA code did."""
+    float32 and casts back, as the official LLaMA code did.
+
+    ``k``/``v`` may be longer than ``q`` by a cached prefix of P positions: query i (absolute
+    position P + i) then sees keys 0..P + i."""
+    offset = k.shape[-2] - q.shape[-2]
     if implementation == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if offset == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(offset)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    length = q.shape[-2]
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(offset + 1)
     scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
@@ -386,13 +392,22 @@ class MPLUGOwl2Attention(nn.Module):
         self.v_proj = MultiwayNetwork(lambda: nn.Linear(d, kv, bias=bias))
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
 
-    def forward(self, x, modality, cos, sin):
+    def forward(self, x, modality, cos, sin, past_kv=None, kv_out=None):
+        """``past_kv``: cached (keys, values) [1 or B, kv heads, P, d] of a prefix that comes before
+        ``x`` (``cos``/``sin`` then cover positions P..P+L-1); ``kv_out``: a list that receives this
+        call's (keys, values), for building such a cache."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x, modality).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x, modality).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if kv_out is not None:
+            kv_out.append((k, v))
+        if past_kv is not None:
+            pk, pv = past_kv
+            k = torch.cat([pk.expand(b, -1, -1, -1).to(k.dtype), k], dim=2)
+            v = torch.cat([pv.expand(b, -1, -1, -1).to(v.dtype), v], dim=2)
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -423,8 +438,8 @@ class MPLUGOwl2DecoderLayer(nn.Module):
         self.input_layernorm = MultiwayNetwork(norm)
         self.post_attention_layernorm = MultiwayNetwork(norm)
 
-    def forward(self, x, modality, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x, modality), modality, cos, sin)
+    def forward(self, x, modality, cos, sin, past_kv=None, kv_out=None):
+        x = x + self.self_attn(self.input_layernorm(x, modality), modality, cos, sin, past_kv, kv_out)
         return x + self.mlp(self.post_attention_layernorm(x, modality))
 
 
@@ -583,19 +598,35 @@ class MPLUGOwl2Model(MPLUGOwl2PreTrainedModel):
         return embeds, modality, valid, lengths, out_labels
 
     # -- decoder ----------------------------------------------------------------------------------
-    def decode(self, inputs_embeds: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    def decode(self, inputs_embeds: torch.Tensor, modality: torch.Tensor, past=None, collect: list | None = None) -> torch.Tensor:
         """Run the decoder layers over right-padded rows; returns hidden states BEFORE model.norm.
 
         Rows are right-padded, so the causal mask alone keeps every real position away from the
         padding (which only ever comes after it); padded positions compute values never read.
         Positions are 0..L-1 over the spliced sequence (visual tokens count like text tokens).
+
+        ``past``: per layer (keys, values) of a prefix shared by every row (see ``prefix_kv``);
+        the rows then continue it at positions P..P+L-1. ``collect``: a list that receives each
+        layer's (keys, values).
         """
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         x = inputs_embeds
-        cos, sin = rotary_cos_sin(x.shape[1], head_dim, self.config.rope_base, x.device, x.dtype)
-        for layer in self.layers:
-            x = layer(x, modality, cos, sin)
+        start = past[0][0].shape[-2] if past else 0
+        cos, sin = rotary_cos_sin(start + x.shape[1], head_dim, self.config.rope_base, x.device, x.dtype)
+        cos, sin = cos[start:], sin[start:]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, modality, cos, sin, past[i] if past else None, collect)
         return x
+
+    def prefix_kv(self, prefix_ids: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per layer (keys, values) [1, kv heads, P, d] of a text-only prefix (ids [P], no -200),
+        to pass as ``past`` to rows that all start with it."""
+        ids = torch.as_tensor(prefix_ids, device=self.embed_tokens.weight.device).reshape(1, -1)
+        if (ids == IMAGE_TOKEN_INDEX).any():
+            raise ValueError("a cached prefix must be text only (no image placeholder)")
+        collected: list = []
+        self.decode(self.embed_tokens(ids), torch.zeros_like(ids, dtype=torch.bool), collect=collected)
+        return tuple(collected)
 
     def prepare_inputs(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
         """Encode the images and splice them in: see ``splice`` for what comes back."""
@@ -668,19 +699,23 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def last_hidden(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
-        """model.norm(hidden) at each row's last real position: [B, D] in the model dtype."""
+    def last_hidden(self, input_ids, pixel_values=None, attention_mask=None, past=None) -> torch.Tensor:
+        """model.norm(hidden) at each row's last real position: [B, D] in the model dtype.
+
+        ``past``: the cached keys/values of a text prefix shared by all rows (``model.prefix_kv``);
+        ``input_ids`` are then the rest of each row, after that prefix."""
         embeds, modality, valid, lengths, _ = self.model.prepare_inputs(input_ids, pixel_values, attention_mask)
-        hidden = self.model.decode(embeds, modality)
+        hidden = self.model.decode(embeds, modality, past=past)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
         return self.model.norm(last)
 
-    def level_logits(self, input_ids, token_ids: Sequence[int], pixel_values=None, attention_mask=None) -> torch.Tensor:
+    def level_logits(self, input_ids, token_ids: Sequence[int], pixel_values=None, attention_mask=None, past=None) -> torch.Tensor:
         """Logits of ``token_ids`` at each row's last real position: float32 [B, len(token_ids)].
 
         Only the requested lm_head rows are used (in float32), never the full vocabulary.
+        ``past``: see ``last_hidden``.
         """
-        h = self.last_hidden(input_ids, pixel_values, attention_mask)
+        h = self.last_hidden(input_ids, pixel_values, attention_mask, past=past)
         head = self.lm_head
         ids = torch.as_tensor(list(token_ids), device=h.device)
         if type(head) is nn.Linear:

@@ -189,13 +189,142 @@ def _tokenizer(directory: Path | None = None):
     return AutoTokenizer.from_pretrained(bases.smollm2_dir())
 
 
+# --------------------------------------------------------------------------- fast inference
+
+def _fold_batchnorm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm folded into the preceding bias-free conv (float64 arithmetic)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding (before, after) of one dimension."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class _FoldedConv(torch.nn.Module):
+    """SameConv2d + BatchNorm2d (+ ReLU6) as one conv over channels-last activations.
+
+    A 1x1 conv is one GEMM over the [N*H*W, C] view of the channels-last tensor. Symmetric
+    'SAME' padding goes into the conv itself; asymmetric padding (stride 2 on an even size) is
+    written by the PREVIOUS 1x1 conv straight into a zero-bordered buffer (``out_pad``), so no
+    separate pad pass over the largest activations."""
+
+    def __init__(self, conv, bn, relu6: bool):
+        super().__init__()
+        weight, bias = _fold_batchnorm(conv, bn)
+        self.stride, self.groups, self.kernel = tuple(conv.stride), conv.groups, tuple(conv.weight.shape[-2:])
+        self.pointwise = self.kernel == (1, 1) and self.stride == (1, 1) and self.groups == 1
+        if self.pointwise:
+            weight = weight.flatten(1).t().contiguous()  # [C_in, C_out]
+        else:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.relu6 = relu6
+
+    def padding(self, size) -> tuple[tuple[int, int], tuple[int, int]]:
+        return tuple(_same_padding(n, k, s) for n, k, s in zip(size, self.kernel, self.stride))
+
+    def forward(self, x: torch.Tensor, out_pad=None, prepadded: bool = False) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if self.pointwise:
+            n, c, h, w = x.shape
+            y = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(-1, c), self.weight).view(n, h, w, -1)
+            if out_pad is not None:
+                (top, bottom), (left, right) = out_pad
+                buf = y.new_empty(n, h + top + bottom, w + left + right, y.shape[-1])
+                for region in (buf[:, :top], buf[:, top + h:], buf[:, :, :left], buf[:, :, left + w:]):
+                    region.zero_()
+                inner = buf[:, top:top + h, left:left + w]
+                torch.clamp(y, 0.0, 6.0, out=inner) if self.relu6 else inner.copy_(y)
+                y = buf
+            elif self.relu6:
+                y.clamp_(0.0, 6.0)
+            return y.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+        if prepadded:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+        else:
+            (top, bottom), (left, right) = self.padding(x.shape[-2:])
+            if top == bottom and left == right:
+                y = F.conv2d(x, self.weight, self.bias, self.stride, (top, left), 1, self.groups)
+            else:
+                y = F.conv2d(F.pad(x, [left, right, top, bottom]), self.weight, self.bias, self.stride, 0, 1, self.groups)
+        return y.clamp_(0.0, 6.0) if self.relu6 else y
+
+
+class _FoldedBlock(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.expand = _FoldedConv(block._expand_conv, block._bn0, True) if block.has_expand else None
+        self.depthwise = _FoldedConv(block._depthwise_conv, block._bn1, True)
+        self.project = _FoldedConv(block._project_conv, block._bn2, False)
+        self.residual = block.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.expand is not None:
+            pad = self.depthwise.padding(x.shape[-2:])
+            asymmetric = any(a != b for a, b in pad)
+            h = self.depthwise(self.expand(h, out_pad=pad if asymmetric else None), prepadded=asymmetric)
+        else:
+            h = self.depthwise(h)
+        h = self.project(h)
+        return h.add_(x) if self.residual else h
+
+
+class FoldedEfficientNet(torch.nn.Module):
+    """Inference copy of ``EfficientNetLite0``: BatchNorm folded into the convs, channels-last,
+    1x1 convs as GEMMs, no separate padding passes.
+
+    Same maps as the original up to float rounding (about 1e-6 relative in float32); built from
+    the model's weights when first needed, so it never trains and never saves."""
+
+    def __init__(self, net):
+        from .modeling_qalign_tiny import STRIDE8_BLOCK, STRIDE16_BLOCK
+
+        super().__init__()
+        self.stem = _FoldedConv(net._conv_stem, net._bn0, True)
+        self.blocks = torch.nn.ModuleList(_FoldedBlock(b) for b in net._blocks)
+        self.head = _FoldedConv(net._conv_head, net._bn1, True)
+        self.taps = (STRIDE8_BLOCK, STRIDE16_BLOCK)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                maps.append(x)
+        maps.append(self.head(x))
+        return maps
+
+
 # --------------------------------------------------------------------------- backend
 
 class TinyBackend(Backend):
+    """qalign-tiny scoring. The fast path (default) does only the work the score needs:
+
+    - the text before the image is the same for every item, so its keys/values are computed once
+      per (task, input kind) and reused through the KV cache, expanded over the batch;
+    - the vision encoder runs with BatchNorm folded into its convs (channels-last), in chunks of
+      ``vision_chunk`` frames (0: the whole batch) to keep its activations in cache;
+    - the LM reads only the last position's hidden state, through the five level rows of the head.
+
+    ``fast=False`` runs the plain path (original vision modules, full sequence, no cache): the
+    scores agree within float rounding (tests hold them within 1e-5).
+    """
+
     def __init__(self, model: QAlignTinyForConditionalGeneration, tokenizer, device: str = "cpu",
-                 dtype: torch.dtype | None = None, name: str = "qalign-tiny"):
+                 dtype: torch.dtype | None = None, name: str = "qalign-tiny", fast: bool = True,
+                 vision_chunk: int | None = None):
         self.device = torch.device(device)
-        self.dtype = dtype or torch.float32
+        # float32 on the CPU (exact scores); bfloat16 on a GPU unless asked otherwise.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
         self.prompter = TinyPrompter(tokenizer)
         self.info = INFO if name == "qalign-tiny" else ModelInfo(**{**INFO.__dict__, "name": name})
@@ -203,6 +332,11 @@ class TinyBackend(Backend):
         head = self.model.language_model.get_output_embeddings().weight
         self.level_head = head[torch.tensor(self.prompter.level_ids, device=head.device)].detach()
         self._prompt_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fast = fast
+        # Large CPU batches of 384 px activations fall out of the caches; GPUs want them whole.
+        self.vision_chunk = vision_chunk if vision_chunk is not None else (4 if self.device.type == "cpu" else 0)
+        self._prefix_kv: dict[tuple[str, str], tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
+        self._folded_vision: FoldedEfficientNet | None = None
 
     @property
     def image_size(self) -> int:
@@ -221,16 +355,46 @@ class TinyBackend(Backend):
             self._prompt_cache[key] = (embed(ids(before)).detach(), embed(ids(after)).detach())
         return self._prompt_cache[key]
 
+    def prefix_kv(self, task: str, input_kind: str = "image") -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per layer (keys, values) [1, kv heads, P, head dim] of the text before the image."""
+        key = (task, input_kind)
+        if key not in self._prefix_kv:
+            before, _ = self._prompt_embeds(task, input_kind)
+            with torch.inference_mode():
+                out = self.model.language_model.model(inputs_embeds=before[None], use_cache=True)
+            self._prefix_kv[key] = tuple((layer.keys, layer.values) for layer in out.cache.layers)
+        return self._prefix_kv[key]
+
+    def visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, queries + 1, width] through the folded vision encoder, in chunks."""
+        if not self.fast:
+            return self.model.visual_tokens(frames)
+        if self._folded_vision is None:
+            self._folded_vision = FoldedEfficientNet(self.model.vision_model).to(self.device).eval()
+        abstractor = self.model.visual_abstractor
+        step = self.vision_chunk or frames.shape[0]
+        grids = [abstractor.grid_features(self._folded_vision(frames[i:i + step])) for i in range(0, frames.shape[0], step)]
+        return abstractor(grids[0] if len(grids) == 1 else torch.cat(grids))
+
     @torch.inference_mode()
     def level_logits(self, items: Sequence[torch.Tensor], task: str = "quality", input_kind: str = "image") -> torch.Tensor:
         self.check_task(task, input_kind)
         frames = torch.cat(list(items)).to(self.device, self.dtype)
-        visual = self.model.visual_tokens(frames)
+        visual = self.visual_tokens(frames)
         before, after = self._prompt_embeds(task, input_kind)
         n = visual.shape[0]
-        embeds = torch.cat([before.expand(n, -1, -1), visual.to(before.dtype), after.expand(n, -1, -1)], dim=1)
-        hidden = self.model.language_model.model(inputs_embeds=embeds).last_hidden_state[:, -1]
-        logits = (hidden @ self.level_head.T).float().cpu()
+        lm = self.model.language_model
+        if self.fast:
+            from transformers import DynamicCache
+
+            suffix = torch.cat([visual.to(after.dtype), after.expand(n, -1, -1)], dim=1)
+            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.prefix_kv(task, input_kind)],
+                                 config=lm.config)
+            hidden = lm.model(inputs_embeds=suffix, cache=cache, use_cache=True).last_hidden_state[:, -1]
+        else:
+            embeds = torch.cat([before.expand(n, -1, -1), visual.to(before.dtype), after.expand(n, -1, -1)], dim=1)
+            hidden = lm.model(inputs_embeds=embeds).last_hidden_state[:, -1]
+        logits = (hidden.float() @ self.level_head.float().T).cpu()  # five dot products, in float32
         # Per-frame aggregation: average each item's frame logits.
         counts = [int(x.shape[0]) for x in items]
         return torch.stack([chunk.mean(0) for chunk in logits.split(counts)])
