@@ -416,7 +416,13 @@ def train(cfg: TrainConfig) -> dict:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if _bf16_fast() else "no"
-    accelerator = Accelerator(mixed_precision=precision)
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes (torchrun / accelerate launch) on a machine without GPUs: accelerate only
+    # sets up gloo on CPU when asked to; otherwise every process would train alone.
+    on_cpu = world_env > 1 and not _accelerator_available()
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    if accelerator.num_processes != world_env:
+        raise RuntimeError(f"WORLD_SIZE is {world_env} but accelerate set up {accelerator.num_processes} process(es)")
     set_seed(cfg.seed)
     out_dir = Path(cfg.output)
     log = (lambda msg: accelerator.print(f"[train] {msg}"))
@@ -520,8 +526,12 @@ def train(cfg: TrainConfig) -> dict:
         with accelerator.autocast():
             loss = wrapped(feats[chunk].to(accelerator.device), [levels[i] for i in chunk], [soft[i] for i in chunk],
                            rng, [tasks[records[i].dataset] for i in chunk])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower --lr?")
+        state["loss"] = float(loss.detach())
+        finite = math.isfinite(state["loss"])
+        if world > 1:  # decided together: one process stopping alone would leave the others waiting forever
+            finite = bool(accelerator.gather(torch.tensor([finite], device=accelerator.device)).all())
+        if not finite:
+            raise FloatingPointError(f"loss is not finite at step {step + 1} (this process: {state['loss']}); lower --lr?")
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
@@ -542,14 +552,15 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.wait_for_everyone()
 
     checksums = _rank_checksums(core, accelerator) if not sharded else None
-    if checksums is not None and max(checksums) - min(checksums) > 1e-3 * max(1.0, abs(checksums[0])):
+    # DDP hands every process the same averaged gradients, so the weights agree to the last bits.
+    if checksums is not None and max(checksums) - min(checksums) > 1e-7 * max(1.0, abs(checksums[0])):
         raise RuntimeError(f"the {world} processes hold different weights after training ({checksums}): "
                            "gradients were not synchronised")
     eval_counts = {names[d]: len(eval_groups[d]) for d in range(n_sources)}
     result = {"config": asdict(cfg), "score_range": list(ranges[0]) if n_sources == 1 else None,
               "score_ranges": {names[d]: list(ranges[d]) for d in range(n_sources)},
               "tasks": dict(zip(names, tasks)), "weights": dict(zip(names, weights)),
-              "steps": state["step"], "steps_per_epoch": steps_per_epoch, "resumed_at": state.get("resumed_at", []),
+              "steps": state["step"], "steps_per_epoch": steps_per_epoch, "last_loss": state.get("loss"), "resumed_at": state.get("resumed_at", []),
               "history": state["history"], "train_items": len(train_idx), "eval_items": len(eval_idx),
               "eval_items_per_source": eval_counts, "mixed_precision": precision, "processes": world,
               "rank_checksums": checksums, "start": {"kind": start.kind, "folder": str(start.folder) if start.folder else None}}
@@ -652,13 +663,13 @@ def _check_resume(state: dict, fingerprint: dict, world: int, where: Path) -> No
 
 
 def _rank_checksums(core, accelerator) -> list[float]:
-    """Sum of every trainable weight, per process (all equal when the gradients were synchronised)."""
+    """Sum of squares of every trainable weight, per process (all equal when the gradients were synchronised)."""
     import torch
 
     total = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
     for p in core.parameters():
         if p.requires_grad:
-            total += p.detach().double().sum()
+            total += p.detach().double().square().sum()
     return [float(x) for x in accelerator.gather(total).cpu()]
 
 
@@ -691,6 +702,15 @@ def _cached_features(model, preprocess, records, cfg, accelerator, out_dir: Path
             tmp.replace(cache)
     accelerator.wait_for_everyone()
     return load_file(cache)["features"]
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
 
 
 def _bf16_fast() -> bool:
