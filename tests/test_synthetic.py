@@ -172,7 +172,7 @@ def test_build_corpus_labels_files_and_split(tmp_path, pristine, means, capsys):
     splits = {}
     for row in rows:
         assert (out / row["path"]).is_file()
-        splits.setdefault(row["source"], set()).add(row["split"])
+        splits.setdefault(row["ref"], set()).add(row["split"])
         if row["dist_type"] == "pristine":
             assert (float(row["score"]), float(row["std"])) == (4.8, 0.2)
             continue
@@ -219,10 +219,10 @@ def test_corpus_with_fewer_levels_and_a_pool(tmp_path, pristine, means):
     assert not any(r["dist_type"] == "pristine" for r in rows)
     per_cell = {}
     for r in rows:
-        per_cell.setdefault((r["source"], r["type_id"]), []).append(r["level"])
+        per_cell.setdefault((r["ref"], r["type_id"]), []).append(r["level"])
     assert all(len(v) == 2 for v in per_cell.values())
     expected = synthetic.cells_for_source("src_0", [10, 21], 2, seed=0)
-    got = sorted((int(r["type_id"]), int(r["level"])) for r in rows if r["source"] == "src_0")
+    got = sorted((int(r["type_id"]), int(r["level"])) for r in rows if r["ref"] == "src_0")
     assert got == sorted(expected)
 
 

@@ -5,7 +5,7 @@ Layout of ``out_dir``::
 
     images/<source>/<source>.png           the resized pristine copy (when include_pristine)
     images/<source>/<source>_TT_L.png      type TT (01..25) at level L (1..5)
-    labels.csv                             path,score,std,split,source,dist_type,type_id,level
+    labels.csv                             path,score,std,split,ref,dist_type,type_id,level
     corpus.json                            the settings that decide pixel content (seed, long_side)
 
 Each distorted image depends only on (seed, source, type, level, long_side): its random generator
@@ -34,7 +34,9 @@ from .. import wheels
 from . import distortions, kadid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-LABEL_COLUMNS = ("path", "score", "std", "split", "source", "dist_type", "type_id", "level")
+# "ref" names the source photo (as KADID's ref_img_path): qalign's label reader treats a "source"
+# column as the dataset name, and "ref" as the reference for content-disjoint splits.
+LABEL_COLUMNS = ("path", "score", "std", "split", "ref", "dist_type", "type_id", "level")
 
 # Pristine copies are not in KADID's ratings (its 81 references were never scored), so they get a
 # label above every KADID cell: the best cells (identity levels such as GBLUR L1, mean shift L3)
@@ -199,7 +201,7 @@ def _label_row(job: SourceJob, relpath: str, score: float, std: float, dist_type
         "score": f"{score:.4f}",
         "std": f"{std:.4f}",
         "split": job.split,
-        "source": job.source,
+        "ref": job.source,
         "dist_type": dist_type,
         "type_id": type_id,
         "level": level,
@@ -330,7 +332,7 @@ def build_corpus(
         written += job_written
         skipped += job_skipped
         if progress:
-            source = job_rows[0]["source"] if job_rows else "?"
+            source = job_rows[0]["ref"] if job_rows else "?"
             print(f"[{done}/{len(jobs)}] {source}: {job_written} written, {job_skipped} skipped "
                   f"({seconds:.1f} s)", file=sys.stderr, flush=True)
     labels = out_dir / "labels.csv"
