@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 QALIGN=${QALIGN:-.venv/bin/qalign}
 PRISTINE=${PRISTINE:-../shared/data/pristine}
 OUT=${OUT:-runs/recipe}
-EPOCHS=${EPOCHS:-2}
+EPOCHS=${EPOCHS:-1}
 LABEL_FLAG=""
 [ "${SOFT:-0}" = "1" ] && LABEL_FLAG="--soft-labels"
 
