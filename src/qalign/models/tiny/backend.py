@@ -111,25 +111,34 @@ def base_config(**overrides) -> QAlignTinyConfig:
 def assemble(config: QAlignTinyConfig, trained: dict[str, torch.Tensor] | None = None) -> QAlignTinyForConditionalGeneration:
     """The full model: SmolLM2 + EfficientNet from the bases, abstractor + LoRA from ``trained``.
 
-    With ``trained=None`` the abstractor keeps its random initialisation (the start of training).
+    With ``trained=None`` the abstractor gets its seeded random initialisation (the start of
+    training). With trained weights every parameter comes from a file, so the model is built
+    with empty (meta) parameters and the tensors are assigned: no time spent on random init.
     """
     from safetensors.torch import load_file
 
-    torch.manual_seed(0)  # a reproducible initial abstractor when training starts from scratch
-    model = QAlignTinyForConditionalGeneration(config)
+    if trained is None:
+        torch.manual_seed(0)  # a reproducible initial abstractor when training starts from scratch
+        model = QAlignTinyForConditionalGeneration(config)
+    else:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = QAlignTinyForConditionalGeneration(config)
+    assign = trained is not None
     llm = load_file(bases.smollm2_dir() / "model.safetensors")
-    model.language_model.load_state_dict(llm, strict=False)  # lm_head is tied to embed_tokens
+    model.language_model.load_state_dict(llm, strict=False, assign=assign)  # lm_head is tied to embed_tokens
     model.language_model.tie_weights()
-    model.vision_model.load_state_dict(bases.efficientnet_state_dict(), strict=True)
+    model.vision_model.load_state_dict(bases.efficientnet_state_dict(), strict=True, assign=assign)
     if trained is not None:
-        load_trained(model, trained)
+        load_trained(model, trained, assign=True)
     return model.eval()
 
 
-def load_trained(model: QAlignTinyForConditionalGeneration, trained: dict[str, torch.Tensor]) -> None:
+def load_trained(model: QAlignTinyForConditionalGeneration, trained: dict[str, torch.Tensor], assign: bool = False) -> None:
     """Put our trained weights into an assembled model; LoRA factors are merged into the LLM."""
     abstractor = {k.removeprefix("visual_abstractor."): v for k, v in trained.items() if k.startswith("visual_abstractor.")}
-    model.visual_abstractor.load_state_dict(abstractor, strict=True)
+    model.visual_abstractor.load_state_dict(abstractor, strict=True, assign=assign)
     merge_lora(model, {k: v for k, v in trained.items() if k.startswith("lora.")})
     unknown = [k for k in trained if not k.startswith(("visual_abstractor.", "lora."))]
     if unknown:
