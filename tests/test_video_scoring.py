@@ -207,6 +207,22 @@ def test_list_of_pil_frames_is_a_video(tiny_scorer, backend):
     assert not empty.ok and "at least one frame" in empty.error and empty.kind == "video"
 
 
+def test_frames_of_different_sizes_for_a_raw_pixel_backend(backend):
+    """A backend whose preprocess keeps the frame size (chat VLMs) cannot take mixed-size frames."""
+
+    class Raw(Recorder):
+        def preprocess(self, image):
+            import torch
+
+            return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+    raw = Raw(backend, "native")
+    mixed = [make_image(0, size=(64, 48)), make_image(1, size=(32, 24))]
+    rows = Scorer(raw, workers=1).score([mixed, make_image(2, size=(40, 30))])
+    assert not rows[0].ok and "all frames of a video at one size" in rows[0].error and rows[0].kind == "video"
+    assert rows[1].ok and raw.calls == [("image", [(1, 3, 30, 40)])]
+
+
 # --------------------------------------------------------------------------- content decides
 
 
@@ -417,4 +433,4 @@ def test_real_weights_low_bitrate_reencode_scores_lower(clip, tmp_path):
     scorer = qalign.load("qalign-tiny", device="cpu")
     original, degraded = scorer.score([str(src), str(low)])
     assert original.ok and degraded.ok and original.kind == degraded.kind == "video"
-    assert degraded.score < original.score - 0.1, (original.score, degraded.score)
+    assert degraded.score < original.score - 0.5, (original.score, degraded.score)

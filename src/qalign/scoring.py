@@ -205,32 +205,43 @@ class Scorer:
 
     def _prepare_video(self, item, name: str) -> _Prepared:
         """Frames streamed one at a time into the preprocessor: memory bounded by the frame cap."""
-        import torch
-
         if isinstance(item, (list, tuple)):
             if not item:
                 raise MediaError(f"{name}: a video needs at least one frame")
-            frames = [(load_image(f, max_pixels=self.max_pixels), float(i), i) for i, f in enumerate(item)]
-            warnings: list[str] = []
-        else:
-            from .media.video import read_frames
+            frames = ((load_image(f, max_pixels=self.max_pixels), float(i), i) for i, f in enumerate(item))
+            pixels, times, indices = self._preprocess_frames(frames, len(item))
+            return _Prepared(name, pixels, kind="video", times=times, indices=indices)
+        from .media.video import read_frames
 
-            stream = read_frames(item, fps=self.video.fps, frames=self.video.frames, max_frames=self.video.max_frames)
-            with stream:
-                frames = ((f.image, f.time, f.index) for f in stream)
-                pixels, times, indices = self._preprocess_frames(frames)
-            return _Prepared(name, torch.stack(pixels), kind="video", warnings=list(stream.warnings),
-                             times=times, indices=indices)
-        pixels, times, indices = self._preprocess_frames(frames)
-        return _Prepared(name, torch.stack(pixels), kind="video", warnings=warnings, times=times, indices=indices)
+        stream = read_frames(item, fps=self.video.fps, frames=self.video.frames, max_frames=self.video.max_frames)
+        with stream:
+            frames = ((f.image, f.time, f.index) for f in stream)
+            pixels, times, indices = self._preprocess_frames(frames, len(stream.planned))
+        return _Prepared(name, pixels, kind="video", warnings=list(stream.warnings), times=times, indices=indices)
 
-    def _preprocess_frames(self, frames):
-        pixels, times, indices = [], [], []
+    def _preprocess_frames(self, frames, expected: int):
+        """Preprocess each frame as it comes into one [F, C, H, W] tensor allocated once for the
+        ``expected`` frames (a list of frames and ``torch.stack`` would hold every frame twice)."""
+        import torch
+
+        out = None
+        times, indices = [], []
         for image, time, index in frames:
-            pixels.append(self.backend.preprocess(image))
+            x = self.backend.preprocess(image)
+            k = len(times)
+            if out is None:
+                out = torch.empty((max(1, expected), *x.shape), dtype=x.dtype, device=x.device)
+            elif k == out.shape[0]:  # more frames than planned (never expected): grow
+                out = torch.cat([out, torch.empty_like(out)])
+            if x.shape != out.shape[1:]:
+                raise MediaError(f"frame {k} preprocesses to {tuple(x.shape)}, frame 0 to {tuple(out.shape[1:])}: "
+                                 f"this model needs all frames of a video at one size")
+            out[k] = x
             times.append(time)
             indices.append(index)
-        return pixels, times, indices
+        if out is None:
+            raise MediaError("no frame could be decoded")
+        return out[: len(times)], times, indices
 
     def _prepare_ahead(self, inputs: Sequence, lookahead: int) -> Iterator[_Prepared]:
         """Decode and preprocess in threads, at most ``lookahead`` items ahead of the model."""
