@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -59,6 +60,12 @@ def browser():
 def server(tiny_model_dir):
     settings = Settings(model=str(tiny_model_dir), device="cpu", max_items=8, max_queue=64)
     with BackgroundServer(create_app(settings)) as srv:
+        # The page polls /readyz; a 503 while the model loads (slow on a busy machine) would show up
+        # as a console error, so the browser only starts once the model is ready.
+        deadline = time.monotonic() + 120
+        while httpx.get(srv.url + "/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "model never became ready"
+            time.sleep(0.2)
         yield srv
 
 
