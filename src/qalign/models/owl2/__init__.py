@@ -17,7 +17,7 @@ AutoConfig.register(MPLUGOwl2Config.model_type, MPLUGOwl2Config, exist_ok=True)
 AutoModelForCausalLM.register(MPLUGOwl2Config, MPLUGOwl2LlamaForCausalLM, exist_ok=True)
 
 from .backend import Owl2Backend, load_owl2, load_owl2_model, load_tokenizer, preprocess_image  # noqa: E402
-from .checkpoints import CHECKPOINTS, Owl2Checkpoint, lookup  # noqa: E402
+from ..official import CHECKPOINTS, Owl2Checkpoint, lookup  # noqa: E402
 
 __all__ = [
     "CHECKPOINTS",

@@ -1,6 +1,6 @@
 """Loading the official mPLUG-Owl2 checkpoints and scoring with them (the ``Backend`` contract).
 
-``load_owl2(name_or_path)`` accepts a name from :mod:`.checkpoints` ("one-align"), a Hugging Face
+``load_owl2(name_or_path)`` accepts a name from :mod:`qalign.models.official` ("one-align"), a Hugging Face
 hub id ("q-future/one-align", resolved through the normal HF cache, honouring HF_HOME,
 HF_HUB_CACHE and HF_HUB_OFFLINE at call time) or a local directory in one of the official layouts:
 
@@ -33,7 +33,7 @@ from PIL import Image
 from ...levels import LEVELS
 from ...prompts import owl_prompt
 from ..base import Backend, ModelInfo
-from .checkpoints import CHECKPOINTS, Owl2Checkpoint, lookup
+from ..official import CHECKPOINTS, Owl2Checkpoint, lookup
 from .configuration_mplug_owl2 import MPLUGOwl2Config
 from .modeling_mplug_owl2 import (
     IMAGE_TOKEN_INDEX,

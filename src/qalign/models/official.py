@@ -1,4 +1,4 @@
-"""The released mPLUG-Owl2 scoring checkpoints, by the names users know.
+"""The released mPLUG-Owl2 scoring checkpoints, by the names users know (no heavy imports: `qalign models` reads it).
 
 Every entry runs on the same native model (``modeling_mplug_owl2``); they differ in what they
 were trained on. ``tasks`` is what the checkpoint was trained to rate; ``video`` is "native" when
