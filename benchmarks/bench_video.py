@@ -30,6 +30,9 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from videos import reencode  # noqa: E402  (the test helpers that make and re-encode videos)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "videos"
 WEIGHTS = ROOT / "src" / "qalign" / "weights" / "qalign-tiny" / "trained.safetensors"
@@ -80,31 +83,6 @@ def make_long_clip(path: Path, minutes: float, fps: int, size=(1280, 720)) -> Pa
     print(f"wrote {path} ({n} frames, {path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
     return path
-
-
-def reencode(src: Path, dst: Path, bitrate: int) -> Path:
-    """``src`` re-encoded with libx264 at ``bitrate`` bit/s (same size and frame rate)."""
-    import av
-
-    if dst.exists() and dst.stat().st_size > 0:
-        return dst
-    with av.open(str(src)) as inp:
-        vin = inp.streams.video[0]
-        with av.open(str(dst), "w") as out:
-            vout = out.add_stream("libx264", rate=vin.average_rate)
-            vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
-            vout.bit_rate = bitrate
-            vout.options = {"preset": "veryfast"}
-            rate = Fraction(vin.average_rate)
-            vout.codec_context.time_base = 1 / rate
-            for k, frame in enumerate(inp.decode(vin)):
-                frame = frame.reformat(format="yuv420p")
-                frame.pts, frame.time_base = k, 1 / rate
-                for packet in vout.encode(frame):
-                    out.mux(packet)
-            for packet in vout.encode():
-                out.mux(packet)
-    return dst
 
 
 def untrained_folder(cache: Path) -> Path:

@@ -26,7 +26,7 @@ from qalign.models.base import Backend, ModelInfo  # noqa: E402
 from qalign.scoring import PROB_FIELDS, Scorer, VideoOptions  # noqa: E402
 
 from tiny_model import make_image  # noqa: E402
-from videos import write_audio_only, write_video  # noqa: E402
+from videos import reencode, write_audio_only, write_video  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "qalign" / "weights" / "qalign-tiny"
@@ -400,25 +400,6 @@ def test_cli_native_model_says_per_frame_file_stays_empty(capsys, tiny_scorer, c
 # --------------------------------------------------------------------------- real weights
 
 
-def _reencode(src: Path, dst: Path, bitrate: int) -> Path:
-    """``src`` re-encoded with libx264 at ``bitrate`` bit/s (same size and frame rate)."""
-    with av.open(str(src)) as inp:
-        vin = inp.streams.video[0]
-        with av.open(str(dst), "w") as out:
-            vout = out.add_stream("libx264", rate=vin.average_rate)
-            vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
-            vout.bit_rate = bitrate
-            vout.options = {"preset": "veryfast"}
-            rate = Fraction(vin.average_rate)
-            vout.codec_context.time_base = 1 / rate
-            for k, frame in enumerate(inp.decode(vin)):
-                frame = frame.reformat(format="yuv420p")
-                frame.pts, frame.time_base = k, 1 / rate
-                for packet in vout.encode(frame):
-                    out.mux(packet)
-            for packet in vout.encode():
-                out.mux(packet)
-    return dst
 
 
 @pytest.mark.real_weights
@@ -429,7 +410,7 @@ def test_real_weights_low_bitrate_reencode_scores_lower(clip, tmp_path):
     import qalign
 
     src = SHARED / "videos" / clip
-    low = _reencode(src, tmp_path / f"low_{clip}", 50_000)
+    low = reencode(src, tmp_path / f"low_{clip}", 50_000)
     scorer = qalign.load("qalign-tiny", device="cpu")
     original, degraded = scorer.score([str(src), str(low)])
     assert original.ok and degraded.ok and original.kind == degraded.kind == "video"

@@ -179,3 +179,26 @@ def write_audio_only(path: Path, *, seconds: float = 1.0, codec: str = "aac", ra
             container.mux(packet)
     finally:
         container.close()
+
+
+def reencode(src: Path, dst: Path, bitrate: int) -> Path:
+    """``src`` re-encoded with libx264 at ``bitrate`` bit/s (same size and frame rate)."""
+    if dst.exists() and dst.stat().st_size > 0:
+        return dst
+    with av.open(str(src)) as inp:
+        vin = inp.streams.video[0]
+        with av.open(str(dst), "w") as out:
+            vout = out.add_stream("libx264", rate=vin.average_rate)
+            vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
+            vout.bit_rate = bitrate
+            vout.options = {"preset": "veryfast"}
+            rate = Fraction(vin.average_rate)
+            vout.codec_context.time_base = 1 / rate
+            for k, frame in enumerate(inp.decode(vin)):
+                frame = frame.reformat(format="yuv420p")
+                frame.pts, frame.time_base = k, 1 / rate
+                for packet in vout.encode(frame):
+                    out.mux(packet)
+            for packet in vout.encode():
+                out.mux(packet)
+    return dst
