@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
