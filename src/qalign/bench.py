@@ -169,9 +169,17 @@ def count_flops(fn: Callable[[], object]) -> float:
     def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
+    def fused_conv(*args, out_shape=None, **kwargs) -> int:
+        # mkldnn::_convolution_pointwise(X, W, B, ...) or its .binary(X, other, W, B, ...)
+        x_shape, w_shape = args[0], (args[2] if len(args) > 10 else args[1])
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # the CPU SDPA kernel, not in torch's table
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if mkldnn is not None and hasattr(mkldnn, "_convolution_pointwise"):  # oneDNN convs with fused ReLU6 / add
+        mapping[mkldnn._convolution_pointwise] = fused_conv
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
         fn()
@@ -394,7 +402,8 @@ def run(images: str | None = None, count: int = 32, model: str = "qalign-tiny", 
         log(f"(d) pipeline at batch {best.batch} ...")
         for factor in (2, 4):
             result, busy, decode = bench_pipeline(backend, pil_images, best.batch, task, lookahead_factor=factor)
-            result.note = f"model busy {100 * busy:.0f}% of wall; decode+preprocess {1e3 * decode:.0f} ms/img/thread"
+            result.note = (f"(d) lookahead {factor}x batch: model busy {100 * busy:.0f}% of the wall time; "
+                           f"decode+preprocess {1e3 * decode:.0f} ms/image on one thread")
             report.results.append(result)
     if owl2:
         if dev.type == "cuda":
@@ -475,7 +484,7 @@ def format_report(report: Report) -> str:
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     lines += [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
-    lines += [f"  {r.label.split(' ')[0]} {r.note}" for r in report.results if r.note]
+    lines += [f"  {r.note}" for r in report.results if r.note]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--task", default="quality", choices=["quality", "aesthetics"])
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="comma-separated batch sizes to try")
-    p.add_argument("--repeats", type=int, default=1, help="timed passes per measurement, the best is kept")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes per measurement, the best is kept (default 2)")
     p.add_argument("--no-pipeline", action="store_true", help="skip (d), the end-to-end Scorer run on files")
     p.add_argument("--no-owl2", action="store_true", help="skip the full-size mPLUG-Owl2 run on CUDA")
     p.set_defaults(func=cmd_bench)

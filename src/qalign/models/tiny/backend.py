@@ -214,56 +214,70 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-class _FoldedConv(torch.nn.Module):
-    """SameConv2d + BatchNorm2d (+ ReLU6) as one conv over channels-last activations.
+def _fused_conv_available(x: torch.Tensor) -> bool:
+    """oneDNN convolutions with fused ReLU6 / residual add (the ops torch.compile's CPU backend
+    emits): float32 CPU tensors on a torch built with oneDNN."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
-    A 1x1 conv is one GEMM over the [N*H*W, C] view of the channels-last tensor. Symmetric
-    'SAME' padding goes into the conv itself; asymmetric padding (stride 2 on an even size) is
-    written by the PREVIOUS 1x1 conv straight into a zero-bordered buffer (``out_pad``), so no
-    separate pad pass over the largest activations."""
+
+class _FoldedConv(torch.nn.Module):
+    """SameConv2d + BatchNorm2d (+ ReLU6, + residual) as one conv over channels-last activations.
+
+    On the CPU the ReLU6 or the residual add runs inside oneDNN's convolution (no extra pass
+    over the activations). Symmetric 'SAME' padding goes into the conv itself; asymmetric
+    padding (stride 2 on an even size) is written by the PREVIOUS conv, whose ReLU6 stores
+    straight into a zero-bordered buffer (``out_pad``): no separate pad pass either."""
+
+    fused = True  # False: plain F.conv2d + clamp_/add_ (also the path off the CPU)
 
     def __init__(self, conv, bn, relu6: bool):
         super().__init__()
         weight, bias = _fold_batchnorm(conv, bn)
         self.stride, self.groups, self.kernel = tuple(conv.stride), conv.groups, tuple(conv.weight.shape[-2:])
-        self.pointwise = self.kernel == (1, 1) and self.stride == (1, 1) and self.groups == 1
-        if self.pointwise:
-            weight = weight.flatten(1).t().contiguous()  # [C_in, C_out]
-        else:
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", bias)
         self.relu6 = relu6
 
     def padding(self, size) -> tuple[tuple[int, int], tuple[int, int]]:
         return tuple(_same_padding(n, k, s) for n, k, s in zip(size, self.kernel, self.stride))
 
-    def forward(self, x: torch.Tensor, out_pad=None, prepadded: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_pad=None, prepadded: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         import torch.nn.functional as F
 
-        if self.pointwise:
-            n, c, h, w = x.shape
-            y = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(-1, c), self.weight).view(n, h, w, -1)
-            if out_pad is not None:
-                (top, bottom), (left, right) = out_pad
-                buf = y.new_empty(n, h + top + bottom, w + left + right, y.shape[-1])
-                for region in (buf[:, :top], buf[:, top + h:], buf[:, :, :left], buf[:, :, left + w:]):
-                    region.zero_()
-                inner = buf[:, top:top + h, left:left + w]
-                torch.clamp(y, 0.0, 6.0, out=inner) if self.relu6 else inner.copy_(y)
-                y = buf
-            elif self.relu6:
-                y.clamp_(0.0, 6.0)
-            return y.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
-        if prepadded:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
-        else:
+        pad = [0, 0]
+        if not prepadded:
             (top, bottom), (left, right) = self.padding(x.shape[-2:])
             if top == bottom and left == right:
-                y = F.conv2d(x, self.weight, self.bias, self.stride, (top, left), 1, self.groups)
+                pad = [top, left]
             else:
-                y = F.conv2d(F.pad(x, [left, right, top, bottom]), self.weight, self.bias, self.stride, 0, 1, self.groups)
-        return y.clamp_(0.0, 6.0) if self.relu6 else y
+                x = F.pad(x, [left, right, top, bottom])
+        relu_inside = self.relu6 and out_pad is None
+        if self.fused and _fused_conv_available(x):
+            args = (self.weight, self.bias, pad, list(self.stride), [1, 1], self.groups)
+            if residual is not None:
+                y = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], None)
+            elif relu_inside:
+                y = torch.ops.mkldnn._convolution_pointwise(x, *args, "hardtanh", [0.0, 6.0], "")
+            else:
+                y = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, pad, 1, self.groups)
+            if residual is not None:
+                y = y.add_(residual)
+            elif relu_inside:
+                y = y.clamp_(0.0, 6.0)
+        if out_pad is None:
+            return y
+        (top, bottom), (left, right) = out_pad
+        n, c, h, w = y.shape
+        buf = torch.empty(n, c, h + top + bottom, w + left + right, dtype=y.dtype, device=y.device,
+                          memory_format=torch.channels_last)
+        for region in (buf[:, :, :top], buf[:, :, top + h:], buf[:, :, :, :left], buf[:, :, :, left + w:]):
+            region.zero_()
+        inner = buf[:, :, top:top + h, left:left + w]
+        torch.clamp(y, 0.0, 6.0, out=inner) if self.relu6 else inner.copy_(y)
+        return buf
 
 
 class _FoldedBlock(torch.nn.Module):
@@ -282,13 +296,12 @@ class _FoldedBlock(torch.nn.Module):
             h = self.depthwise(self.expand(h, out_pad=pad if asymmetric else None), prepadded=asymmetric)
         else:
             h = self.depthwise(h)
-        h = self.project(h)
-        return h.add_(x) if self.residual else h
+        return self.project(h, residual=x if self.residual else None)
 
 
 class FoldedEfficientNet(torch.nn.Module):
     """Inference copy of ``EfficientNetLite0``: BatchNorm folded into the convs, channels-last,
-    1x1 convs as GEMMs, no separate padding passes.
+    no separate padding passes.
 
     Same maps as the original up to float rounding (about 1e-6 relative in float32); built from
     the model's weights when first needed, so it never trains and never saves."""
@@ -322,15 +335,18 @@ class TinyBackend(Backend):
       per (task, input kind) and reused through the KV cache, expanded over the batch;
     - the vision encoder runs with BatchNorm folded into its convs (channels-last), in chunks of
       ``vision_chunk`` frames (0: the whole batch) to keep its activations in cache;
-    - the LM reads only the last position's hidden state, through the five level rows of the head.
+    - the LM reads only the last position's hidden state, through the five level rows of the head;
+    - on the CPU a batch is split over ``streams`` threads (default: one per torch thread), each
+      running the model with one intra-op thread: no OpenMP barriers, and the memory-bound
+      vision convolutions of one stream overlap the GEMMs of another.
 
-    ``fast=False`` runs the plain path (original vision modules, full sequence, no cache): the
-    scores agree within float rounding (tests hold them within 1e-5).
+    ``fast=False`` runs the plain path (original vision modules, full sequence, no cache, one
+    stream): the scores agree within float rounding (tests hold them within 1e-5).
     """
 
     def __init__(self, model: QAlignTinyForConditionalGeneration, tokenizer, device: str = "cpu",
                  dtype: torch.dtype | None = None, name: str = "qalign-tiny", fast: bool = True,
-                 vision_chunk: int | None = None):
+                 vision_chunk: int | None = None, streams: int | None = None):
         self.device = torch.device(device)
         # float32 on the CPU (exact scores); bfloat16 on a GPU unless asked otherwise.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -343,9 +359,12 @@ class TinyBackend(Backend):
         self._prompt_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.fast = fast
         # Large CPU batches of 384 px activations fall out of the caches; GPUs want them whole.
-        self.vision_chunk = vision_chunk if vision_chunk is not None else (4 if self.device.type == "cpu" else 0)
+        self.vision_chunk = vision_chunk if vision_chunk is not None else (2 if self.device.type == "cpu" else 0)
         self._prefix_kv: dict[tuple[str, str], tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._folded_vision: FoldedEfficientNet | None = None
+        self.streams = streams  # None: torch.get_num_threads() on the CPU, 1 elsewhere
+        self._pool = None
+        self._pool_size = 0
 
     @property
     def image_size(self) -> int:
@@ -374,21 +393,48 @@ class TinyBackend(Backend):
             self._prefix_kv[key] = tuple((layer.keys, layer.values) for layer in out.cache.layers)
         return self._prefix_kv[key]
 
+    def _folded(self) -> FoldedEfficientNet:
+        if self._folded_vision is None:
+            self._folded_vision = FoldedEfficientNet(self.model.vision_model).to(self.device).eval()
+        return self._folded_vision
+
     def visual_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, queries + 1, width] through the folded vision encoder, in chunks."""
         if not self.fast:
             return self.model.visual_tokens(frames)
-        if self._folded_vision is None:
-            self._folded_vision = FoldedEfficientNet(self.model.vision_model).to(self.device).eval()
+        self._folded()
         abstractor = self.model.visual_abstractor
         step = self.vision_chunk or frames.shape[0]
         grids = [abstractor.grid_features(self._folded_vision(frames[i:i + step])) for i in range(0, frames.shape[0], step)]
         return abstractor(grids[0] if len(grids) == 1 else torch.cat(grids))
 
-    @torch.inference_mode()
-    def level_logits(self, items: Sequence[torch.Tensor], task: str = "quality", input_kind: str = "image") -> torch.Tensor:
-        self.check_task(task, input_kind)
-        frames = torch.cat(list(items)).to(self.device, self.dtype)
+    def _stream_plan(self, n: int) -> tuple[int, int]:
+        """(streams, intra-op threads per stream) for a batch of ``n`` frames."""
+        if not self.fast or self.device.type != "cpu" or n < 2 or not _openmp_threads():
+            return 1, 0
+        total = torch.get_num_threads()
+        streams = max(1, min(self.streams or total, n, total))
+        return streams, max(1, total // streams)
+
+    def _executor(self, size: int):
+        if self._pool is None or self._pool_size < size:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(size, thread_name_prefix="qalign-tiny-stream")
+            self._pool_size = size
+        return self._pool
+
+    def _stream(self, frames: torch.Tensor, task: str, input_kind: str, threads: int) -> torch.Tensor:
+        # OpenMP's thread count is per calling thread: this sets it for this worker only.
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return self._frame_logits(frames, task, input_kind)
+
+    def _frame_logits(self, frames: torch.Tensor, task: str, input_kind: str) -> torch.Tensor:
+        """[N, 3, H, W] -> float32 [N, 5] on the CPU, one row per frame."""
         visual = self.visual_tokens(frames)
         before, after = self._prompt_embeds(task, input_kind)
         n = visual.shape[0]
@@ -403,7 +449,33 @@ class TinyBackend(Backend):
         else:
             embeds = torch.cat([before.expand(n, -1, -1), visual.to(before.dtype), after.expand(n, -1, -1)], dim=1)
             hidden = lm.model(inputs_embeds=embeds).last_hidden_state[:, -1]
-        logits = (hidden.float() @ self.level_head.float().T).cpu()  # five dot products, in float32
+        return (hidden.float() @ self.level_head.float().T).cpu()  # five dot products, in float32
+
+    @torch.inference_mode()
+    def level_logits(self, items: Sequence[torch.Tensor], task: str = "quality", input_kind: str = "image") -> torch.Tensor:
+        self.check_task(task, input_kind)
+        frames = torch.cat(list(items)).to(self.device, self.dtype)
+        streams, threads = self._stream_plan(frames.shape[0])
+        if streams <= 1:
+            logits = self._frame_logits(frames, task, input_kind)
+        else:
+            self._prompt_embeds(task, input_kind)  # shared state built once, before the threads
+            self.prefix_kv(task, input_kind)
+            self._folded()
+            pool = self._executor(streams)
+            parts = torch.tensor_split(frames, streams)
+            logits = torch.cat([f.result() for f in [pool.submit(self._stream, p, task, input_kind, threads) for p in parts]])
         # Per-frame aggregation: average each item's frame logits.
         counts = [int(x.shape[0]) for x in items]
         return torch.stack([chunk.mean(0) for chunk in logits.split(counts)])
+
+
+def _openmp_threads() -> bool:
+    """torch's CPU parallelism is OpenMP (thread counts per calling thread), as in the PyPI wheels."""
+    global _OPENMP
+    if _OPENMP is None:
+        _OPENMP = "OpenMP" in torch.__config__.parallel_info()
+    return _OPENMP
+
+
+_OPENMP: bool | None = None
