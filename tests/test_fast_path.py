@@ -138,6 +138,20 @@ def test_streams_split_the_batch_over_threads(tiny_model_dir, pixels, reference)
     np.testing.assert_allclose(got, reference, atol=TOL, rtol=0)
 
 
+def test_mixed_precision_path_runs(tiny_model_dir, pixels, reference):
+    """The GPU default (float32 weights under bfloat16 autocast), exercised on the CPU: the same
+    code path runs, the level logits come back float32, and the scores stay near float32's."""
+    mixed = load_tiny(tiny_model_dir)
+    assert mixed.autocast_dtype is None  # CPU default: exact float32
+    mixed.autocast_dtype = torch.bfloat16
+    logits = mixed.level_logits(pixels)
+    assert logits.dtype == torch.float32
+    got = scores(logits)
+    assert np.abs(got - reference).max() < 0.15
+    assert np.abs(got - reference).max() > 1e-6  # it really ran in bfloat16
+    np.testing.assert_allclose(scores(bench.straightforward_logits(mixed, pixels[0])[None]), got[:1], atol=0.15)
+
+
 def test_scorer_uses_the_fast_path(tiny_scorer, image_paths, backend, pixels, reference):
     rows = tiny_scorer.score(image_paths[:8])
     np.testing.assert_allclose([r.score for r in rows], reference, atol=TOL, rtol=0)
@@ -263,3 +277,20 @@ def test_real_size_graph_fast_equals_straightforward():
     # straightforward path itself is 7e-6 from a float64 run), so the bound here is 3e-5.
     np.testing.assert_allclose(scores(torch.cat([backend.level_logits([x]) for x in px])), reference, atol=3e-5, rtol=0)
     np.testing.assert_allclose(scores(backend.level_logits(px)), reference, atol=3e-5, rtol=0)
+
+
+def test_report_with_owl2_section_ends_with_the_main_speedup():
+    def results(a_s, best_s):
+        return [bench.Result("(a) straightforward: full logits, no cache", 1, a_s, 10, 2**30, 2e9, 0.0),
+                bench.Result("(b) optimised, batch 1", 1, best_s * 2, 10, 2**30, 1e9, 1e-6),
+                bench.Result("(c) optimised, batch 8", 8, best_s, 10, 2**30, 1e9, 1e-6)]
+
+    main = bench.Report("cpu box", "qalign-tiny", "10 images", peaks={"float32": 1e11}, results=results(4.0, 1.0))
+    owl = bench.Report("gpu box", "owl2", "10 tensors", peaks={"float32": 1e11, "float16": 1e12},
+                       results=results(2.0, 1.0), compute_dtype="float16")
+    main.extra.append(owl)
+    lines: list[str] = []
+    bench.print_report(main, out=lines.append)
+    text = "\n".join(lines)
+    assert "owl2 speedup: 2.00" in text and "% float16 peak" in text and "% float32 peak" in text
+    assert lines[-1] == "speedup: 4.00"

@@ -51,7 +51,8 @@ def straightforward_logits(backend, pixels, task: str = "quality"):
     with torch.no_grad():
         if isinstance(backend, TinyBackend):
             ids = torch.tensor(backend.prompter.prompt_ids(task, "image"), device=backend.device)
-            out = backend.model(input_ids=[ids], pixel_values=pixels.to(backend.device, backend.dtype))
+            with backend._autocast():  # the same precision policy as the optimised path (GPU: bf16 autocast)
+                out = backend.model(input_ids=[ids], pixel_values=pixels.to(backend.device, backend.dtype))
             level_ids = backend.prompter.level_ids
         elif hasattr(backend, "prompt_ids") and hasattr(backend, "level_ids"):  # Owl2Backend
             ids = torch.tensor([backend.prompt_ids(task, "image")], device=backend.device)
@@ -91,6 +92,7 @@ class Report:
     model: str
     images: str
     peaks: dict[str, float] = field(default_factory=dict)  # dtype -> FLOP/s
+    compute_dtype: str = "float32"  # what the model's matmuls run in: the peak to compare with
     results: list[Result] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: list["Report"] = field(default_factory=list)
@@ -390,12 +392,17 @@ def run(images: str | None = None, count: int = 32, model: str = "qalign-tiny", 
     backend, description = load_bench_backend(model, str(dev))
     pil_images, source = find_images(images, count)
     pixels = [backend.preprocess(img)[None] for img in pil_images]
-    report = Report(machine_description(dev), f"{description} on {dev.type}, {str(backend.dtype).replace('torch.', '')}",
-                    source)
+    precision = _dtype_name(backend.dtype)
+    if getattr(backend, "autocast_dtype", None) is not None:
+        precision += f" weights, {_dtype_name(backend.autocast_dtype)} autocast"
+    report = Report(machine_description(dev), f"{description} on {dev.type}, {precision}", source)
     log("peak matmul ...")
+    report.compute_dtype = _dtype_name(getattr(backend, "autocast_dtype", None) or backend.dtype)
     report.peaks["float32"] = peak_matmul_flops(dev, torch.float32)
     if dev.type == "cuda" or _cpu_has_bf16():
         report.peaks["bfloat16"] = peak_matmul_flops(dev, torch.bfloat16)
+    if dev.type == "cuda":
+        report.peaks["float16"] = peak_matmul_flops(dev, torch.float16)
     report.results = bench_backend(backend, pixels, task, batch_sizes, repeats, log)
     if pipeline:
         best = report.best()
@@ -408,11 +415,17 @@ def run(images: str | None = None, count: int = 32, model: str = "qalign-tiny", 
     if owl2:
         if dev.type == "cuda":
             log("owl2 full size ...")
-            report.extra.append(bench_owl2_random(dev, count=min(count, 16), batch_sizes=batch_sizes, repeats=repeats))
+            extra = bench_owl2_random(dev, count=min(count, 16), batch_sizes=batch_sizes, repeats=repeats)
+            extra.peaks = report.peaks
+            report.extra.append(extra)
         else:
             report.notes.append("full-size mPLUG-Owl2 (random weights): skipped, no CUDA device in this run "
                                 "(run `qalign bench --device cuda` on a GPU machine)")
     return report
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _cpu_has_bf16() -> bool:
@@ -453,8 +466,8 @@ def bench_owl2_random(device, count: int = 16, batch_sizes: Sequence[int] = BATC
     gen = torch.Generator().manual_seed(0)
     pixels = [torch.randn(1, 3, size, size, generator=gen) for _ in range(count)]
     report = Report(machine_description(device), f"mPLUG-Owl2 {'full size' if config is None else 'custom'} "
-                    f"(random weights) on {backend.device}, {str(backend.dtype).replace('torch.', '')}",
-                    f"{count} random 448x448 tensors")
+                    f"(random weights) on {backend.device}, {_dtype_name(backend.dtype)}",
+                    f"{count} random {size}x{size} tensors", compute_dtype=_dtype_name(backend.dtype))
     report.results = bench_backend(backend, pixels, "quality", batch_sizes, repeats)
     return report
 
@@ -469,8 +482,10 @@ def format_report(report: Report) -> str:
     lines = [f"model: {report.model}", f"images: {report.images}", f"machine: {report.machine}"]
     if report.peaks:
         lines.append("peak matmul (measured now): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in report.peaks.items()))
-    fp32 = report.peaks.get("float32")
-    head = ["path", "batch", "images/s", "ms/image", "peak mem", "GFLOP/img", "GFLOP/s", "% fp32 peak", "max |dscore|"]
+    peak = report.peaks.get(report.compute_dtype) or report.peaks.get("float32")
+    peak_name = report.compute_dtype if report.compute_dtype in report.peaks else "float32"
+    head = ["path", "batch", "images/s", "ms/image", "peak mem", "GFLOP/img", "GFLOP/s", f"% {peak_name} peak",
+            "max |dscore|"]
     body = []
     for r in report.results:
         achieved = r.flops_per_image * r.images_per_s if r.flops_per_image else None
@@ -478,7 +493,7 @@ def format_report(report: Report) -> str:
             r.label, str(r.batch), f"{r.images_per_s:.2f}", f"{1e3 / r.images_per_s:.1f}", _fmt_bytes(r.peak_bytes),
             "-" if r.flops_per_image is None else f"{r.flops_per_image / 1e9:.2f}",
             "-" if achieved is None else f"{achieved / 1e9:.1f}",
-            "-" if achieved is None or not fp32 else f"{100 * achieved / fp32:.1f}%",
+            "-" if achieved is None or not peak else f"{100 * achieved / peak:.1f}%",
             "-" if r.max_score_diff is None else f"{r.max_score_diff:.1e}",
         ])
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]

@@ -346,11 +346,17 @@ class TinyBackend(Backend):
 
     def __init__(self, model: QAlignTinyForConditionalGeneration, tokenizer, device: str = "cpu",
                  dtype: torch.dtype | None = None, name: str = "qalign-tiny", fast: bool = True,
-                 vision_chunk: int | None = None, streams: int | None = None):
+                 vision_chunk: int | None = None, streams: int | None = None,
+                 autocast_dtype: torch.dtype | None = None):
         self.device = torch.device(device)
-        # float32 on the CPU (exact scores); bfloat16 on a GPU unless asked otherwise.
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or torch.float32
         self.model = model.to(self.device, self.dtype).eval()
+        # float32 on the CPU (exact scores). On a GPU the float32 weights run under bfloat16
+        # autocast unless a dtype was asked for (the model keeps its pooled vision features in
+        # float32 by design, so casting the whole model to bf16 is not an option).
+        if autocast_dtype is None and dtype is None and self.device.type == "cuda":
+            autocast_dtype = torch.bfloat16
+        self.autocast_dtype = autocast_dtype
         self.prompter = TinyPrompter(tokenizer)
         self.info = INFO if name == "qalign-tiny" else ModelInfo(**{**INFO.__dict__, "name": name})
         # Only the five level rows of the LM head are ever needed.
@@ -383,12 +389,20 @@ class TinyBackend(Backend):
             self._prompt_cache[key] = (embed(ids(before)).detach(), embed(ids(after)).detach())
         return self._prompt_cache[key]
 
+    def _autocast(self):
+        """The mixed-precision context of every forward pass (none on the CPU by default)."""
+        if self.autocast_dtype is None:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
     def prefix_kv(self, task: str, input_kind: str = "image") -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Per layer (keys, values) [1, kv heads, P, head dim] of the text before the image."""
         key = (task, input_kind)
         if key not in self._prefix_kv:
             before, _ = self._prompt_embeds(task, input_kind)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 out = self.model.language_model.model(inputs_embeds=before[None], use_cache=True)
             self._prefix_kv[key] = tuple((layer.keys, layer.values) for layer in out.cache.layers)
         return self._prefix_kv[key]
@@ -430,7 +444,7 @@ class TinyBackend(Backend):
         # OpenMP's thread count is per calling thread: this sets it for this worker only.
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():  # both are per thread
             return self._frame_logits(frames, task, input_kind)
 
     def _frame_logits(self, frames: torch.Tensor, task: str, input_kind: str) -> torch.Tensor:
@@ -449,7 +463,8 @@ class TinyBackend(Backend):
         else:
             embeds = torch.cat([before.expand(n, -1, -1), visual.to(before.dtype), after.expand(n, -1, -1)], dim=1)
             hidden = lm.model(inputs_embeds=embeds).last_hidden_state[:, -1]
-        return (hidden.float() @ self.level_head.float().T).cpu()  # five dot products, in float32
+        with torch.autocast(device_type=self.device.type, enabled=False):  # five dot products, in float32
+            return (hidden.float() @ self.level_head.float().T).cpu()
 
     @torch.inference_mode()
     def level_logits(self, items: Sequence[torch.Tensor], task: str = "quality", input_kind: str = "image") -> torch.Tensor:
@@ -457,7 +472,8 @@ class TinyBackend(Backend):
         frames = torch.cat(list(items)).to(self.device, self.dtype)
         streams, threads = self._stream_plan(frames.shape[0])
         if streams <= 1:
-            logits = self._frame_logits(frames, task, input_kind)
+            with self._autocast():
+                logits = self._frame_logits(frames, task, input_kind)
         else:
             self._prompt_embeds(task, input_kind)  # shared state built once, before the threads
             self.prefix_kv(task, input_kind)
