@@ -45,6 +45,7 @@ from typing import Any, Sequence
 from ..levels import LEVELS
 from ..prompts import answer_prefix, question
 from .base import Backend, ModelInfo
+from .hub import hub_cache_dir, hub_offline
 
 # Families checked end to end with tiny random checkpoints (tests/test_chat_vlm.py). Other
 # ``AutoModelForImageTextToText`` types are attempted too; these are the ones known to work.
@@ -148,31 +149,6 @@ def is_chat_vlm_dir(path: str | os.PathLike) -> bool:
     return cfg["model_type"] in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
-def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except Exception:  # pragma: no cover - huggingface_hub always ships with transformers
-        return False
-
-
-def hub_cache_dir() -> str:
-    """Where Hugging Face hub downloads are looked for now (HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except Exception:  # pragma: no cover
-        return os.path.expanduser("~/.cache/huggingface/hub")
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
@@ -192,8 +168,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, use_safetensors: bool 
     name = str(name_or_path)
     if not _HUB_ID.match(name) or name.endswith((".json", ".safetensors", ".gguf", ".bin")):
         raise ModelNotFound(f"no model directory at {name!r} (and it is not a Hugging Face hub id)")
-    offline = _offline()
-    cache = hub_cache_dir()
+    offline = hub_offline()
+    cache = str(hub_cache_dir())
     try:
         from huggingface_hub import snapshot_download
 

@@ -33,6 +33,7 @@ from PIL import Image
 from ...levels import LEVELS
 from ...prompts import owl_prompt
 from ..base import Backend, ModelInfo
+from ..hub import hub_cache_dir, hub_offline
 from ..official import CHECKPOINTS, Owl2Checkpoint, lookup
 from .configuration_mplug_owl2 import MPLUGOwl2Config
 from .modeling_mplug_owl2 import (
@@ -251,7 +252,6 @@ _META_FILES = [
     "adapter_model.bin",
     "non_lora_trainables.bin",
 ]
-_TRUE = {"1", "on", "yes", "true"}
 
 
 class CheckpointError(RuntimeError):
@@ -260,24 +260,6 @@ class CheckpointError(RuntimeError):
 
 class WeightsNotCached(CheckpointError):
     """Offline, and the hub cache does not hold the weights."""
-
-
-def hub_cache_dir() -> Path:
-    """Where huggingface_hub keeps downloads, read from the environment NOW (not at import)."""
-    env = os.environ
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
-    if env.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(env["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "huggingface" / "hub"
-
-
-def hub_offline() -> bool:
-    env = os.environ
-    return (env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or "").strip().lower() in _TRUE
 
 
 def weight_files(folder: Path) -> tuple[str, list[Path], Path | None]:
