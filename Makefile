@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 QALIGN := $(VENV)/bin/qalign
 # The CPU build of PyTorch; on a GPU machine install your CUDA build of torch first.
 TORCH ?= torch==2.13.0
+# Clean photos for the demo (degraded copies are made from them).
+PRISTINE ?= ../shared/data/pristine
 
 .PHONY: setup demo test bench recipe clean
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 # Score sample photos (clean and degraded copies) with the built-in offline model.
 demo: setup
 	$(QALIGN) setup
-	$(PY) recipes/demo.py --out runs/demo
+	$(PY) recipes/demo.py --out runs/demo --pristine $(PRISTINE)
 	$(QALIGN) score runs/demo --output runs/demo/scores.csv --format table
 
 test: setup

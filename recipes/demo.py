@@ -34,6 +34,10 @@ def main() -> None:
     parser.add_argument("--pristine", default=str(SHARED_PRISTINE), help="folder of clean photos")
     parser.add_argument("--count", type=int, default=3)
     args = parser.parse_args()
+    if not Path(args.pristine).is_dir():
+        raise SystemExit(f"demo: no photo folder at {args.pristine}. The demo uses the project's shared photos "
+                         "(../shared/data/pristine beside the repository); point it at any folder of photos with "
+                         "`make demo PRISTINE=/path/to/photos`.")
     # The held-out split of the training recipe (same seed): photos the model never saw.
     _, held_out = split_sources(list_sources(args.pristine), test_fraction=0.2, seed=0)
     out = Path(args.out)
