@@ -8,6 +8,10 @@
 
 The vision encoder is frozen (as in upstream LoRA training), so its pooled features are computed
 once per image and cached; each step then runs only the abstractor and the language model.
+Optional stage 1 (``--align-epochs``, as LLaVA's alignment stage): the abstractor alone learns to
+read quality from the cached features through a linear readout of its visual tokens (regression on
+the score scaled to [0, 1]); the readout is then dropped and the LMM trains as usual. A freshly
+initialised abstractor learns much faster this way than through the frozen LLM.
 What trains: the abstractor always; LoRA factors on the LLM (default), nothing more (``--no-lora``)
 or the whole LLM (``--full``).
 
@@ -55,7 +59,7 @@ from .levels import LEVELS, level_of, soft_label
 CHECKPOINT_DIR = "checkpoint"
 # Settings that must match between a checkpoint and the run that resumes it.
 _RESUME_KEYS = ("model", "data", "images", "task", "weights", "lora", "lora_r", "lora_alpha", "lora_targets",
-                "full", "soft_labels", "lower_is_better", "train_split", "batch_size", "seed")
+                "full", "soft_labels", "lower_is_better", "train_split", "batch_size", "seed", "align_epochs", "align_lr")
 
 
 @dataclass
@@ -86,6 +90,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | bf16 | no
     feature_batch: int = 32
     log_every: int = 20
+    align_epochs: float = 0.0  # stage 1: abstractor + a linear score readout, before the LLM joins
+    align_lr: float = 3e-4
     extra: dict = field(default_factory=dict)
 
     def sources(self) -> list[str]:
@@ -366,6 +372,58 @@ def batch_loss(model, prompter, feats, levels, soft, cfg: TrainConfig, rng: rand
     return kl + ce if cfg.soft_labels else ce
 
 
+def unit_targets(records: list[Record], ranges: dict[int, tuple[float, float]], lower_is_better: bool) -> np.ndarray:
+    """Each record's score on its source's range mapped to [0, 1], higher = better."""
+    out = np.empty(len(records), dtype=np.float32)
+    for i, r in enumerate(records):
+        low, high = ranges[r.dataset]
+        unit = (r.score - low) / (high - low)
+        out[i] = 1.0 - unit if lower_is_better else unit
+    return out
+
+
+def align_abstractor(abstractor, feats, groups, weights, targets: np.ndarray, cfg: TrainConfig, log):
+    """Stage 1: train the abstractor with a linear readout of all its output tokens (MSE on the
+    [0, 1] score), no LLM. Same data order as the main stage; seeded, so every process of a
+    multi-process run computes the same weights (DDP broadcasts rank 0's anyway).
+    Returns the readout (tokens flattened -> score), which the LMM does not use."""
+    import torch
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n_tokens = abstractor.query_embeds.shape[1] + 1
+    width = abstractor.visual_fc.out_features
+    readout = torch.nn.Linear(n_tokens * width, 1)
+    with torch.no_grad():
+        readout.weight.normal_(0.0, 0.02 / math.sqrt(n_tokens), generator=generator)
+        readout.bias.fill_(0.5)
+    params = list(abstractor.parameters()) + list(readout.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.align_lr, weight_decay=0.05)
+    target = torch.from_numpy(targets)
+    batch = max(cfg.batch_size, 32)
+    total = max(1, int(round(cfg.align_epochs * math.ceil(len(epoch_order(groups, weights, 0, cfg.seed)) / batch))))
+    abstractor.train()
+    step, t0, epoch = 0, time.time(), 0
+    while step < total:
+        order = epoch_order(groups, weights, epoch, cfg.seed + 1)
+        for start in range(0, len(order), batch):
+            chunk = order[start:start + batch]
+            pred = readout(abstractor(feats[chunk].float()).flatten(1)).squeeze(1)
+            loss = torch.nn.functional.mse_loss(pred, target[chunk])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in optimizer.param_groups:  # cosine decay over stage 1
+                group["lr"] = cfg.align_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            optimizer.step()
+            step += 1
+            if step % cfg.log_every == 0 or step == total:
+                log(f"align step {step}/{total} mse {loss.item():.4f} elapsed {time.time() - t0:.0f}s")
+            if step >= total:
+                break
+        epoch += 1
+    abstractor.zero_grad(set_to_none=True)
+    return readout.requires_grad_(False)
+
+
 def level_logits_from_features(model, prompter, feats, task: str):
     """Five level logits at the last prompt position, from cached vision features (eval)."""
     import torch
@@ -450,11 +508,20 @@ def train(cfg: TrainConfig) -> dict:
 
     model, config, tokenizer, start = build_tiny(cfg)
     prompter = TinyPrompter(tokenizer)
-    preprocess = lambda image: preprocess_image(image, config.image_size)  # noqa: E731
+    preprocess = lambda image: preprocess_image(image, config.image_size, config.resize)  # noqa: E731
 
     t0 = time.time()
-    feats = _cached_features(model, preprocess, records, cfg, accelerator, out_dir)
+    feats = _cached_features(model, preprocess, records, cfg, accelerator, out_dir, f"{config.image_size}/{config.resize}")
     log(f"vision features for {len(records)} images in {time.time() - t0:.0f}s")
+
+    if cfg.align_epochs > 0 and _find_checkpoint(out_dir / CHECKPOINT_DIR) is None:  # a checkpoint has it already
+        targets = unit_targets(records, ranges, cfg.lower_is_better)
+        readout = align_abstractor(model.visual_abstractor, feats, groups, weights, targets, cfg, log)
+        if eval_idx:
+            with torch.no_grad():
+                pred = torch.cat([readout(model.visual_abstractor(feats[eval_idx[i:i + 256]].float()).flatten(1))
+                                  for i in range(0, len(eval_idx), 256)]).squeeze(1).numpy()
+            log(f"after alignment, the readout's held-out {correlations(pred, targets[eval_idx])}")
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -673,8 +740,9 @@ def _rank_checksums(core, accelerator) -> list[float]:
     return [float(x) for x in accelerator.gather(total).cpu()]
 
 
-def _cached_features(model, preprocess, records, cfg, accelerator, out_dir: Path):
-    """Compute (main process) or read the cached vision features for all records."""
+def _cached_features(model, preprocess, records, cfg, accelerator, out_dir: Path, preprocessing: str):
+    """Compute (main process) or read the cached vision features for all records; the cache is
+    valid for the same images under the same ``preprocessing`` (size / resize mode)."""
     import contextlib
 
     import torch
@@ -688,9 +756,10 @@ def _cached_features(model, preprocess, records, cfg, accelerator, out_dir: Path
             from safetensors import safe_open
 
             with safe_open(cache, "pt") as f:
-                stale = (f.metadata() or {}).get("paths") != key
+                meta = f.metadata() or {}
+            stale = meta.get("paths") != key or meta.get("preprocessing", "384/squash") != preprocessing
             if stale:
-                print(f"[train] {cache} was computed for other images: recomputing", file=sys.stderr)
+                print(f"[train] {cache} was computed for other images or preprocessing: recomputing", file=sys.stderr)
         if stale or not cache.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
             use_bf16 = accelerator.mixed_precision == "bf16"
@@ -698,7 +767,7 @@ def _cached_features(model, preprocess, records, cfg, accelerator, out_dir: Path
                 else (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
             feats = compute_features(model, preprocess, records, cfg.feature_batch, autocast, "vision features")
             tmp = cache.with_suffix(".part")
-            save_file({"features": feats.contiguous()}, tmp, metadata={"paths": key})
+            save_file({"features": feats.contiguous()}, tmp, metadata={"paths": key, "preprocessing": preprocessing})
             tmp.replace(cache)
     accelerator.wait_for_everyone()
     return load_file(cache)["features"]

@@ -55,6 +55,13 @@ def register(sub) -> None:
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at each epoch end)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "no"])
+    p.add_argument("--align-epochs", type=float, default=0.0,
+                   help="stage 1 before the LMM: epochs of abstractor-only training with a linear score readout "
+                        "(default 0: none)")
+    p.add_argument("--align-lr", type=float, default=3e-4)
+    p.add_argument("--resize", choices=["squash", "crop"], default=None,
+                   help="qalign-tiny-base only: how images become the model's square input (see MODEL_CARD.md; "
+                        "default: the base config's)")
     p.set_defaults(func=cmd_train)
 
 
@@ -80,6 +87,8 @@ def cmd_train(args) -> int:
         for what, values in (("--images", args.images), ("--task", tasks), ("--weights", weights)):
             if values is not None and len(values) not in (1, n):
                 raise ValueError(f"{what}: {len(values)} values for {n} --data sources (give one, or one per --data)")
+        if args.resize is not None and args.model != "qalign-tiny-base":
+            raise ValueError("--resize sets up a fresh model (--model qalign-tiny-base); a trained folder keeps its own")
         cfg = TrainConfig(
             data=args.data[0] if n == 1 else list(args.data),
             images=None if not args.images else args.images[0] if len(args.images) == 1 else list(args.images),
@@ -90,7 +99,8 @@ def cmd_train(args) -> int:
             lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
             soft_labels=args.soft_labels, lower_is_better=args.dmos, train_split=args.train_split,
             eval_split=args.eval_split, seed=args.seed, save_every=args.save_every, log_every=args.log_every,
-            mixed_precision=args.mixed_precision)
+            mixed_precision=args.mixed_precision, align_epochs=args.align_epochs, align_lr=args.align_lr,
+            extra={"model_config": {"resize": args.resize}} if args.resize else {})
         train(cfg)
     except (FileNotFoundError, ValueError) as exc:
         print(f"qalign: {exc}", file=sys.stderr)

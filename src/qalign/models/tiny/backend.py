@@ -86,15 +86,27 @@ def level_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def preprocess_image(image, size: int) -> torch.Tensor:
+def preprocess_image(image, size: int, resize: str = "squash") -> torch.Tensor:
     """RGB PIL image -> [3, size, size] float32 in EfficientNet-Lite's (x - 127) / 128.
 
-    The image is squashed (bicubic) to a square instead of padded: no pixels are spent on
-    padding, and the quality cues the model reads do not depend on the aspect ratio.
+    ``squash``: both sides resized (bicubic) to ``size``; no pixels are spent on padding.
+    ``crop``: the short side resized to ``size`` (not at all when it already is), centre square.
     """
     from PIL import Image
 
-    rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    rgb = image.convert("RGB")
+    if resize == "crop":
+        w, h = rgb.size
+        scale = size / min(w, h)
+        if scale != 1.0:
+            rgb = rgb.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = rgb.size
+        left, top = (w - size) // 2, (h - size) // 2
+        rgb = rgb.crop((left, top, left + size, top + size))
+    elif resize == "squash":
+        rgb = rgb.resize((size, size), Image.BICUBIC)
+    else:
+        raise ValueError(f"unknown resize mode {resize!r}")
     x = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)
     return (x - 127.0) / 128.0
 
@@ -122,8 +134,10 @@ def assemble(config: QAlignTinyConfig, trained: dict[str, torch.Tensor] | None =
         model = QAlignTinyForConditionalGeneration(config)
     else:
         from accelerate import init_empty_weights
+        from transformers.initialization import no_init_weights
 
-        with init_empty_weights():
+        # Empty (meta) parameters and no initialisation pass: every tensor is assigned below.
+        with init_empty_weights(), no_init_weights():
             model = QAlignTinyForConditionalGeneration(config)
     assign = trained is not None
     llm = load_file(bases.smollm2_dir() / "model.safetensors")
@@ -377,7 +391,7 @@ class TinyBackend(Backend):
         return self.model.config.image_size
 
     def preprocess(self, image) -> torch.Tensor:
-        return preprocess_image(image, self.image_size)
+        return preprocess_image(image, self.image_size, self.model.config.resize)
 
     def _prompt_embeds(self, task: str, input_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = (task, input_kind)

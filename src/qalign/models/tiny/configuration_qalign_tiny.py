@@ -13,6 +13,12 @@ class QAlignTinyConfig(PretrainedConfig):
     (noise, blur, blocking) as much as in semantics. ``num_queries`` learned queries cross-attend
     to that grid (the abstractor); the result plus one learned end token is spliced into the
     language model at the image placeholder.
+
+    ``resize`` says how a picture becomes ``image_size`` x ``image_size``: ``"squash"`` resizes
+    both sides to it (every pixel is seen, the aspect ratio is not kept); ``"crop"`` resizes the
+    SHORT side to it and takes the centre square, so a photo whose short side already is
+    ``image_size`` (KADID-10k's 512 x 384) is not resampled at all, and noise, blocking and blur
+    keep their pixel scale.
     """
 
     model_type = "qalign_tiny"
@@ -28,6 +34,7 @@ class QAlignTinyConfig(PretrainedConfig):
         abstractor_heads: int = 4,
         abstractor_intermediate_size: int = 768,
         num_queries: int = 16,
+        resize: str = "squash",
         text_config: dict | LlamaConfig | None = None,
         **kwargs,
     ):
@@ -39,6 +46,9 @@ class QAlignTinyConfig(PretrainedConfig):
         self.abstractor_heads = abstractor_heads
         self.abstractor_intermediate_size = abstractor_intermediate_size
         self.num_queries = num_queries
+        if resize not in ("squash", "crop"):
+            raise ValueError(f"resize must be 'squash' or 'crop', got {resize!r}")
+        self.resize = resize
         if isinstance(text_config, dict):
             text_config = LlamaConfig(**text_config)
         self.text_config = text_config if text_config is not None else LlamaConfig()
