@@ -144,3 +144,30 @@ def test_resize_flag_is_for_fresh_models_only(tmp_path, tiny_model_dir, capsys):
                  str(tmp_path / "o"), "--resize", "crop"])
     assert code == 2
     assert "--resize" in capsys.readouterr().err
+
+
+def test_feature_cache_is_recomputed_when_the_preprocessing_changes(tmp_path, tiny_model_dir, capsys):
+    """The cache of vision features belongs to (images, size/resize): another mode recomputes it."""
+    from types import SimpleNamespace
+
+    from qalign.train import Record, TrainConfig, _cached_features, build_tiny
+
+    cfg = TrainConfig(data="unused", output=str(tmp_path), model=str(tiny_model_dir), feature_batch=4)
+    model, config, _, _ = build_tiny(cfg)
+    for i in range(3):
+        _noise_image(120, 80, seed=i).save(tmp_path / f"{i}.png")
+    records = [Record(str(tmp_path / f"{i}.png"), 3.0, None, "train") for i in range(3)]
+    accelerator = SimpleNamespace(is_main_process=True, mixed_precision="no", device=torch.device("cpu"),
+                                  wait_for_everyone=lambda: None)
+
+    def features(mode: str) -> torch.Tensor:
+        prep = lambda im: preprocess_image(im, config.image_size, mode)  # noqa: E731
+        return _cached_features(model, prep, records, cfg, accelerator, tmp_path, f"{config.image_size}/{mode}")
+
+    squash = features("squash")
+    capsys.readouterr()
+    assert torch.equal(features("squash"), squash)  # read back, not recomputed
+    assert "recomputing" not in capsys.readouterr().err
+    crop = features("crop")
+    assert "recomputing" in capsys.readouterr().err
+    assert not torch.equal(crop, squash)
