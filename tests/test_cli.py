@@ -7,11 +7,8 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +17,13 @@ import pytest
 from qalign import __version__
 from qalign.cli import main
 from qalign.scoring import ROW_FIELDS
+from processes import console_script, run_until_then_sigkill
 from tiny_model import write_images
-
-
-def _console_script() -> list[str]:
-    script = Path(sys.executable).with_name("qalign")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("qalign")
-    return [found] if found else [sys.executable, "-m", "qalign"]
 
 
 def _run(args, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([*_console_script(), *args], capture_output=True, text=True, env=env, timeout=120, **kwargs)
+    return subprocess.run([*console_script(), *args], capture_output=True, text=True, env=env, timeout=120, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def _check_row(row: dict, api_scores: dict[str, float]) -> None:
     assert row["error"] == ""
 
 
-def test_version_console_script():
+def test_versionconsole_script():
     proc = _run(["--version"])
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"qalign {__version__}"
@@ -225,23 +215,11 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir):
     paths = write_images(images, n)
     out_file = tmp_path / "out.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    cmd = [*_console_script(), "score", str(images), "--model", str(tiny_model_dir), "--batch-size", "1",
+    cmd = [*console_script(), "score", str(images), "--model", str(tiny_model_dir), "--batch-size", "1",
            "--output", str(out_file), "--device", "cpu"]
-    log = open(tmp_path / "stderr.txt", "wb")  # a file, not a pipe that could fill up and block the run
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out_file.exists() and out_file.read_bytes().count(b"\n") >= 3:
-                break
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with open(tmp_path / "stderr.txt", "wb") as log:  # a file, not a pipe that could fill up and block the run
+        proc = run_until_then_sigkill(cmd, lambda: out_file.exists() and out_file.read_bytes().count(b"\n") >= 3,
+                                      90, stdout=subprocess.DEVNULL, stderr=log, env=env)
     assert proc.returncode == -signal.SIGKILL, (
         f"the run ended (rc {proc.returncode}) before it could be killed: {(tmp_path / 'stderr.txt').read_text()[-2000:]}")
     before = out_file.read_bytes()

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from processes import console_script, run_until_then_sigkill
 from qalign.cli import main
 
 N_IMAGES = 200
@@ -320,11 +320,6 @@ def test_mixture_of_two_datasets_with_weights_and_tasks(tmp_path, corpus, tiny_m
 
 # --------------------------------------------------------------------------------------------- kill + resume
 
-def _console_script() -> list[str]:
-    script = Path(sys.executable).with_name("qalign")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "qalign"]
-
-
 RESUME_ARGS = ("--max-steps", 100, "--batch-size", 2, "--lr", 2e-3, "--save-every", 2, "--seed", 3)
 
 
@@ -336,26 +331,19 @@ def test_kill_mid_epoch_and_resume_continues_exactly(tmp_path, capsys, corpus, t
     args = ["train", "--data", str(corpus), "--model", str(tiny_model_dir), "--output", str(killed),
             "--mixed-precision", "no", *map(str, RESUME_ARGS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([*_console_script(), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     state_file = killed / "checkpoint" / "trainer.json"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if json.loads(state_file.read_text())["step"] >= 4:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.005)
-        assert proc.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+
+    def checkpoint_at_step_4() -> bool:
+        try:
+            return json.loads(state_file.read_text())["step"] >= 4
+        except (OSError, ValueError, KeyError):
+            return False
+
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = run_until_then_sigkill([*console_script(), *args], checkpoint_at_step_4, 120,
+                                      stdout=log, stderr=subprocess.STDOUT, env=env)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed:\n" + \
+        (tmp_path / "killed.log").read_text()
     assert not (killed / "training.json").exists() and not (killed / "model.safetensors").exists()
     ckpt = killed / "checkpoint" if (killed / "checkpoint" / "trainer.json").exists() else killed / "checkpoint.old"
     at = json.loads((ckpt / "trainer.json").read_text())["step"]
