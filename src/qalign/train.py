@@ -757,7 +757,7 @@ def _cached_features(model, preprocess, records, cfg, accelerator, out_dir: Path
 
             with safe_open(cache, "pt") as f:
                 meta = f.metadata() or {}
-            stale = meta.get("paths") != key or meta.get("preprocessing", "384/squash") != preprocessing
+            stale = meta.get("paths") != key or meta.get("preprocessing") != preprocessing
             if stale:
                 print(f"[train] {cache} was computed for other images or preprocessing: recomputing", file=sys.stderr)
         if stale or not cache.exists():
